@@ -1,0 +1,30 @@
+# Quick start: `make demo` then `make test`. Both create .venv and install the project if needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Never let `flwr run` install the app's dependencies (it would pull a second, CUDA torch).
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test smoke clean-cache
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/unheard-simulate
+
+smoke: $(STAMP)
+	$(VENV)/bin/unheard-simulate experiment=smoke
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-cache:
+	rm -rf .cache

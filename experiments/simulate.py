@@ -1,0 +1,107 @@
+"""`unheard-simulate`: one federated, private ASR simulation from a Hydra config.
+
+data -> seed model (central pretraining on public speakers) -> Flower simulation (ServerApp in
+``server/``, ClientApp in ``clients/`` on every simulated device) -> results in Hydra's run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from clients.client_app import DeviceSettings, make_client_app
+from clients.simulated import SimulatedDevices
+from fl.config import Config, register_configs
+from fl.data.fleet import write_fleet
+from fl.data.prepare import prepare_data
+from fl.data.text import CharTokenizer
+from fl.pretrain import pretrain_seed
+from server.results import SUMMARY
+from server.server_app import ServerSettings, make_server_app
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
+    """Run one simulation; returns the summary it wrote to ``out_dir``."""
+    from flwr.simulation import run_simulation
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = CharTokenizer()
+    data = prepare_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
+    seed = pretrain_seed(cfg.model, cfg.pretrain, data.public_train, data.public_dev, tokenizer,
+                         Path(cfg.data.cache_dir) / "models", cfg.seed)
+    fleet = out_dir / "fleet"
+    write_fleet(data.devices, fleet)
+    torch.save(data.held_out, fleet / "held_out.pt")
+    (out_dir / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in data.problems))
+
+    privacy = cfg.privacy.sample
+    device = DeviceSettings(cfg.model, cfg.train, privacy, cfg.seed, cfg.federation.threads_per_client)
+    server = ServerSettings(
+        out_dir=str(out_dir), rounds=cfg.federation.rounds,
+        clients_per_round=cfg.federation.clients_per_round, round_timeout=cfg.federation.round_timeout,
+        seed=cfg.seed, model=cfg.model, initial_weights=str(seed.path), eval_examples=str(fleet / "held_out.pt"),
+        sample_delta=privacy.delta if privacy else None, sample_accountant=privacy.accountant if privacy else None,
+        config=resolved,
+    )
+    run_simulation(
+        server_app=make_server_app(server),
+        client_app=make_client_app(device, SimulatedDevices(str(fleet))),
+        num_supernodes=len(data.devices),
+        backend_config={
+            "client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False},
+        },
+    )
+    summary_path = out_dir / SUMMARY
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    table = Table(title=f"unheard: {summary['config']['name']} ({summary['rounds']} rounds)")
+    for col in ("model", "held-out WER", "held-out CER", "device WER", "device CER"):
+        table.add_column(col)
+    for label, key in (("seed (public only)", "seed_model"), ("after federated DP fine-tuning", "final")):
+        s = summary[key]
+        table.add_row(label, pct(s["wer"]), pct(s["cer"]), pct(s["device_wer"]), pct(s["device_cer"]))
+    console = Console()
+    console.print(table)
+    sample = summary["privacy"]["sample"]
+    if sample:
+        console.print(
+            f"sample-level DP: epsilon = {sample['epsilon']:.2f} at delta = {sample['delta']:g} "
+            f"(worst device: {sample['max_steps']} steps, q = {sample['sample_rate']:.3f}, "
+            f"sigma = {sample['noise_multiplier']}, C = {sample['max_grad_norm']}, {sample['accountant']})"
+        )
+    else:
+        console.print("sample-level DP: off (no formal guarantee for utterances)")
+    console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig) -> None:
+    cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = run(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
+    print_summary(summary, out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Central, non-private pretraining of the seed model on public speakers (cached on disk).
+
+Only data declared public reaches this module; private (device) speakers never do. The seed
+checkpoint is keyed by the model and pretraining settings, the seed and the training data, so a
+second run with the same settings reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from rich.progress import Progress
+
+from fl.config import ModelConfig, PretrainConfig
+from fl.data.features import Example, collate
+from fl.data.text import CharTokenizer
+from fl.model.conformer import ConformerCTC
+from fl.train import EvalResult, ctc_losses, evaluate, random_batches, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeedModel:
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+    dev: EvalResult
+
+
+def _key(model: ModelConfig, cfg: PretrainConfig, seed: int, train: Sequence[Example]) -> str:
+    h = hashlib.sha256(json.dumps([asdict(model), asdict(cfg), seed], sort_keys=True).encode())
+    for e in train:
+        h.update(e.id.encode())
+    return h.hexdigest()[:16]
+
+
+def pretrain_seed(
+    model_cfg: ModelConfig,
+    cfg: PretrainConfig,
+    train: Sequence[Example],
+    dev: Sequence[Example],
+    tokenizer: CharTokenizer,
+    cache_dir: Path,
+    seed: int,
+) -> SeedModel:
+    """Train (or load from cache) the seed model; ``dev`` is only used to report its quality."""
+    path = Path(cache_dir) / f"seed-{_key(model_cfg, cfg, seed, train)}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=False)
+        log.info("reusing seed model %s (dev WER %.3f)", path, blob["dev"].wer)
+        return SeedModel(blob["state_dict"], path, blob["dev"])
+    torch.manual_seed(seed)
+    model = ConformerCTC(model_cfg, tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps)
+    )
+    batches = random_batches(train, cfg.batch_size, random.Random(seed))
+    model.train()
+    with Progress(transient=True) as progress:
+        task = progress.add_task("pretraining seed model", total=cfg.steps)
+        for step in range(1, cfg.steps + 1):
+            batch = collate(next(batches), model_cfg.n_mels)
+            loss = ctc_losses(model, batch, tokenizer.blank).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            schedule.step()
+            progress.update(task, advance=1, description=f"pretraining seed model (loss {loss.item():.2f})")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                r = evaluate(model, dev, tokenizer, model_cfg.n_mels)
+                log.info("pretrain step %d: loss %.3f, dev WER %.3f CER %.3f", step, loss.item(), r.wer, r.cer)
+    result = evaluate(model, dev, tokenizer, model_cfg.n_mels)
+    log.info("seed model: dev WER %.3f CER %.3f", result.wer, result.cer)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": state, "dev": result}, tmp)
+    tmp.replace(path)
+    return SeedModel(state, path, result)

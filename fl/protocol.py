@@ -1,0 +1,29 @@
+"""The message contract between server and devices: record keys and metric names.
+
+A device's reply carries only ``ARRAYS`` (model weights, the model's own shapes) and ``METRICS``
+(scalars); nothing per utterance, no audio, features or transcripts.
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATE_DP = "sample-dp"
+
+# config keys sent by the server
+ROUND = "server-round"
+
+# metric keys returned by devices
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON_SAMPLE = "epsilon-sample"
+DP_STEPS = "dp-steps"
+SAMPLE_RATE = "sample-rate"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+EMPTY_STEPS = "empty-steps"
+SECONDS = "seconds"
+WER = "wer"
+CER = "cer"
+LOSS = "loss"
+WORDS = "words"
+CHARS = "chars"

@@ -1,0 +1,102 @@
+"""Loss, non-private training steps and evaluation: the plain (non-DP) training path."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl.config import TrainConfig
+from fl.data.features import Batch, Example, collate
+from fl.data.text import CharTokenizer
+from fl.metrics import error_rates, greedy_decode
+
+
+def ctc_losses(model: nn.Module, batch: Batch, blank: int) -> torch.Tensor:
+    """Per-example CTC loss, normalised by transcript length: ``[B]``."""
+    log_probs, out_lens = model(batch.feats, batch.feat_lens)
+    losses = F.ctc_loss(
+        log_probs.transpose(0, 1),
+        batch.targets,
+        out_lens,
+        batch.target_lens,
+        blank=blank,
+        reduction="none",
+        zero_infinity=True,
+    )
+    return losses / batch.target_lens.clamp_min(1)
+
+
+def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterable[list[Example]]:
+    """Endless shuffled fixed-size batches (epoch after epoch)."""
+    if not examples:
+        raise ValueError("cannot draw batches from an empty dataset")
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        size = min(batch_size, len(order))
+        for i in range(0, len(order) - size + 1, size):
+            yield [examples[j] for j in order[i : i + size]]
+
+def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfig,
+                blank: int, n_mels: int, seed: int) -> float:
+    """Non-private local fine-tuning: ``train.local_steps`` AdamW steps; returns the mean loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    batches = random_batches(examples, train.batch_size, random.Random(seed))
+    model.train()
+    total = 0.0
+    for _ in range(train.local_steps):
+        loss = ctc_losses(model, collate(next(batches), n_mels), blank).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss)
+    return total / train.local_steps
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up then cosine decay to 5%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    wer: float
+    cer: float
+    utterances: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, examples: Sequence[Example], tokenizer: CharTokenizer, n_mels: int, batch_size: int = 32
+) -> EvalResult:
+    """Mean CTC loss and corpus WER/CER of greedy decoding over ``examples``."""
+    if not examples:
+        raise ValueError("cannot evaluate on an empty set")
+    was_training = model.training
+    model.eval()
+    ordered = sorted(examples, key=lambda e: e.feats.shape[0])
+    refs, hyps, loss_sum = [], [], 0.0
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i : i + batch_size]
+        batch = collate(chunk, n_mels)
+        log_probs, out_lens = model(batch.feats, batch.feat_lens)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
+            blank=tokenizer.blank, reduction="none", zero_infinity=True,
+        ) / batch.target_lens.clamp_min(1)
+        loss_sum += float(loss.sum())
+        hyps += greedy_decode(log_probs, out_lens, tokenizer)
+        refs += [e.text for e in chunk]
+    model.train(was_training)
+    wer, cer = error_rates(refs, hyps)
+    return EvalResult(loss_sum / len(ordered), wer, cer, len(ordered))

@@ -1,0 +1,71 @@
+"""What a run leaves behind: ``results.jsonl`` (a row per round) and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round. Round 0 is the seed model before any federated training.
+
+    ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side).
+    ``device_wer``/``device_cer``: global model on the devices' own local test splits
+    (federated evaluation, pooled over all devices' words/characters).
+    ``epsilon_sample``: largest cumulative sample-level epsilon of any device so far (null when off).
+    """
+
+    round: int
+    wer: float
+    cer: float
+    loss: float
+    device_wer: Optional[float]
+    device_cer: Optional[float]
+    train_loss: Optional[float]
+    clients: int
+    failures: int
+    epsilon_sample: Optional[float]
+    epsilon_user: Optional[float]
+    delta: Optional[float]
+    seconds: float
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class ResultsWriter:
+    """Appends round rows as they happen, so an interrupted run keeps every finished round."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / RESULTS
+        self.path.write_text("")
+        self.rows: list[RoundRow] = []
+
+    def append(self, row: RoundRow) -> None:
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in asdict(row).items()}) + "\n")
+            f.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.out_dir / SUMMARY
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=_clean))
+        tmp.replace(path)
+        return path
+
+
+def read_results(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(out_dir) / RESULTS).read_text().splitlines() if line]

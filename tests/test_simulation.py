@@ -1,0 +1,58 @@
+"""End to end: `unheard-simulate experiment=smoke` -- Hydra, eSpeak corpus, seed model, a Flower
+simulation with Opacus DP-SGD on 4 devices for 2 rounds -- and the files it promises."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "epsilon_sample", "epsilon_user", "delta", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    cmd = [sys.executable, "-m", "experiments.simulate", "experiment=smoke",
+           f"data.cache_dir={out / 'cache'}", f"hydra.run.dir={out / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def test_results_have_a_row_per_round(smoke_run):
+    rows = [json.loads(x) for x in (smoke_run / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert 0.0 <= r["wer"] and 0.0 <= r["cer"]
+    assert rows[0]["epsilon_sample"] is None
+    assert rows[1]["clients"] == rows[2]["clients"] == 4
+    assert 0 < rows[1]["epsilon_sample"] < rows[2]["epsilon_sample"]
+    assert rows[2]["epsilon_user"] is None
+    assert rows[2]["delta"] == 1e-5
+
+
+def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
+    summary = json.loads((smoke_run / "run" / "summary.json").read_text())
+    assert summary["config"]["name"] == "smoke"
+    assert {"wer", "cer", "device_wer"} <= set(summary["seed_model"]) and "wer" in summary["final"]
+    sample = summary["privacy"]["sample"]
+    acc = RDPAccountant()
+    acc.history = [(sample["noise_multiplier"], sample["sample_rate"], sample["max_steps"])]
+    assert acc.get_epsilon(sample["delta"]) == pytest.approx(sample["epsilon"], rel=1e-9)
+    assert sample["max_steps"] == 2 * 2  # two rounds of two local steps each, every device trains every round
+    assert summary["privacy"]["user"] is None
+
+
+def test_run_dir_holds_checkpoints_and_the_printed_table(smoke_run):
+    ckpts = sorted(p.name for p in (smoke_run / "run" / "checkpoints").iterdir())
+    assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    out = (smoke_run / "stdout.txt").read_text()
+    assert "seed (public only)" in out and "epsilon" in out
