@@ -21,6 +21,8 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,7 +122,10 @@ class SpeakerProfile:
         return (self.voice, self.pitch, self.rate, self.pitch_range, self.condition)
 
 
-def _either(rng: random.Random, shifted: bool, usual: tuple[int, int], extremes: tuple[tuple[int, int], ...]) -> int:
+def _either(
+    rng: random.Random, shifted: bool, usual: tuple[int, int], extremes: tuple[tuple[int, int], ...]
+) -> int:
+    """An integer from the ``usual`` range, or (when ``shifted``) from one of the ``extremes``."""
     lo, hi = rng.choice(extremes) if shifted else usual
     return rng.randint(lo, hi)
 
@@ -250,7 +255,11 @@ def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[list[Utterance]]:
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_build_speaker, jobs)
         return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    # fork on Linux: workers need no re-import of the caller's __main__ (which hangs a Pool when a
+    # script lacks an ``if __name__ == "__main__"`` guard), and they only run numpy, soundfile and
+    # eSpeak, never the parent's thread pools (torch, Ray) that make forking risky.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(min(workers, len(jobs))) as pool:
         yield from pool.imap_unordered(_build_speaker, jobs)
 
 
@@ -263,19 +272,21 @@ def _load(final: Path) -> EmbeddedCorpus | None:
     """The complete cache at ``final``, or None when it is absent, unfinished or missing audio."""
     if not (final / _DONE).is_file():
         return None
-    corpus = EmbeddedCorpus(_read_manifest(final / "public.jsonl"), _read_manifest(final / "private.jsonl"), final)
+    public, private = _read_manifest(final / "public.jsonl"), _read_manifest(final / "private.jsonl")
+    corpus = EmbeddedCorpus(public, private, final)
     missing = [u.audio for u in corpus.public + corpus.private if not Path(u.audio).is_file()]
     if missing:
-        log.warning("embedded corpus cache %s lacks %d audio files (e.g. %s); rebuilding", final, len(missing), missing[0])
+        log.warning("embedded corpus cache %s lacks %d audio files (e.g. %s); rebuilding",
+                    final, len(missing), missing[0])  # fmt: skip
         return None
     return corpus
 
 
-def _remove_stale_work_dirs(root: Path, key: str) -> None:
-    """Delete work folders of this key left by builds whose process no longer runs."""
-    for work in root.glob(f".tmp-{key}-*"):
+def _remove_stale_work_dirs(root: Path) -> None:
+    """Delete work folders left by builds whose process no longer runs (killed, or the machine died)."""
+    for work in root.glob(".tmp-*-*-*"):  # .tmp-<key>-<pid>-<random>
         try:
-            os.kill(int(work.name.rsplit("-", 1)[1]), 0)
+            os.kill(int(work.name.split("-")[2]), 0)
         except (ValueError, ProcessLookupError):
             log.info("removing %s, left by an interrupted build", work)
             shutil.rmtree(work, ignore_errors=True)
@@ -299,7 +310,7 @@ def build_embedded_corpus(
     (:class:`~fl.data.records.Utterance` rows, absolute audio paths), ``speakers.json`` (every
     :class:`SpeakerProfile`) and ``DONE``, written last. The build happens in a work folder that is
     renamed into place when complete, so an interrupted build never looks like a finished one.
-    The result does not depend on ``workers`` (1: build in this process; more: a spawned
+    The result does not depend on ``workers`` (1: build in this process; more: a
     :class:`multiprocessing.Pool`, each worker loading eSpeak itself).
     """
     config = {
@@ -312,6 +323,8 @@ def build_embedded_corpus(
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(root).expanduser().resolve()
     final = root / key
+    if root.is_dir():
+        _remove_stale_work_dirs(root)
     cached = _load(final)
     if cached is not None:
         log.info("reusing embedded corpus cache %s (%d public, %d private utterances)",
@@ -320,10 +333,8 @@ def build_embedded_corpus(
 
     public, private = make_speakers(n_public, n_private, seed, shift)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_work_dirs(root, key)
-    work = root / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=root))
+    work.chmod(0o755)  # mkdtemp's 0700 would keep a shared cache from other users
     start = time.perf_counter()
     log.info("building embedded corpus %s: %d public x %d + %d private x %d utterances",
              final, n_public, public_utterances, n_private, private_utterances)  # fmt: skip
@@ -342,8 +353,8 @@ def build_embedded_corpus(
         )
         write_manifest(corpus.public, work / "public.jsonl")
         write_manifest(corpus.private, work / "private.jsonl")
-        speakers = {"config": config, "public": [asdict(s) for s in public], "private": [asdict(s) for s in private]}
-        (work / "speakers.json").write_text(json.dumps(speakers, indent=1), encoding="utf-8")
+        profiles = {"config": config, "public": [asdict(s) for s in public], "private": [asdict(s) for s in private]}
+        (work / "speakers.json").write_text(json.dumps(profiles, indent=1), encoding="utf-8")
         (work / _DONE).write_text(f"{time.perf_counter() - start:.1f} s\n", encoding="utf-8")
         other = _load(final)  # a concurrent build of the same key may have finished first
         if other is not None:
