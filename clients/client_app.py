@@ -24,7 +24,7 @@ from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.privacy.sample import SampleAccount, dp_sgd_round
-from fl.train import evaluate, plain_round
+from fl.train import evaluate, freeze_except, plain_round
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def make_client_app(settings: DeviceSettings, data: DataSource) -> ClientApp:
         seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
         torch.manual_seed(seed)
         model = _model(settings, msg, tokenizer)
+        freeze_except(model, settings.train.trainable)
         metrics: dict[str, float | int] = {P.NUM_EXAMPLES: len(device.train)}
         if settings.privacy is not None:
             account = load_account(context, settings.privacy.accountant)

@@ -26,7 +26,7 @@ class DataConfig:
     public_utterances: int = 60
     private_speakers: int = 12
     private_utterances: int = 40
-    shift: float = 0.7
+    shift: float = 0.5
     eval_speakers: int = 4
     partition: str = "speaker"
     num_devices: Optional[int] = None
@@ -54,21 +54,27 @@ class ModelConfig:
 class PretrainConfig:
     """Central, non-private training of the seed model on public speakers only."""
 
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 100
-    eval_every: int = 200
+    eval_every: int = 0
+    spec_augment: bool = True
 
 
 @dataclass
 class TrainConfig:
-    """What a device does with the global model in one round."""
+    """What a device does with the global model in one round.
+
+    ``trainable`` is a regex over parameter names: only matching parameters are fine-tuned
+    (``.`` = all). Training fewer values is the usual way to make DP-SGD useful on small devices.
+    """
 
     local_steps: int = 8
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
+    trainable: str = "."
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from rich.progress import Progress
 
+from fl.augment import spec_augment
 from fl.config import ModelConfig, PretrainConfig
 from fl.data.features import Example, collate
 from fl.data.text import CharTokenizer
@@ -63,11 +64,14 @@ def pretrain_seed(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps)
     )
     batches = random_batches(train, cfg.batch_size, random.Random(seed))
+    masks = torch.Generator().manual_seed(seed)
     model.train()
     with Progress(transient=True) as progress:
         task = progress.add_task("pretraining seed model", total=cfg.steps)
         for step in range(1, cfg.steps + 1):
             batch = collate(next(batches), model_cfg.n_mels)
+            if cfg.spec_augment:
+                batch = spec_augment(batch, masks)
             loss = ctc_losses(model, batch, tokenizer.blank).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -43,10 +44,27 @@ def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
         for i in range(0, len(order) - size + 1, size):
             yield [examples[j] for j in order[i : i + size]]
 
+def freeze_except(model: nn.Module, trainable: str) -> int:
+    """Train only parameters whose name matches the regex ``trainable``; returns how many values train.
+
+    Fine-tuning a small part of the model is what makes DP-SGD useful on tiny per-device data: the
+    noise DP-SGD adds grows with the number of trained values, the signal does not.
+    """
+    pattern = re.compile(trainable)
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(pattern.search(name)))
+        count += p.numel() if p.requires_grad else 0
+    if count == 0:
+        raise ValueError(f"train.trainable={trainable!r} matches no parameter of the model")
+    return count
+
+
 def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfig,
                 blank: int, n_mels: int, seed: int) -> float:
     """Non-private local fine-tuning: ``train.local_steps`` AdamW steps; returns the mean loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     batches = random_batches(examples, train.batch_size, random.Random(seed))
     model.train()
     total = 0.0
@@ -55,7 +73,7 @@ def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfi
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += loss.item()
     return total / train.local_steps
 
 

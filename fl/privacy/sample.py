@@ -88,7 +88,9 @@ def dp_sgd_round(
     rng: random.Random = random.SystemRandom() if privacy.secure_mode else random.Random(seed)
     gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = DPOptimizer(
-        torch.optim.AdamW(gs_model.parameters(), lr=train.lr, weight_decay=train.weight_decay),
+        torch.optim.AdamW(
+            [p for p in gs_model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
+        ),
         noise_multiplier=privacy.noise_multiplier,
         max_grad_norm=privacy.max_grad_norm,
         expected_batch_size=max(1, round(rate * n)),

@@ -1,0 +1,243 @@
+"""User-level privacy accounting for DP-FedAvg, on Google's ``dp_accounting`` (not Opacus).
+
+What is accounted: ``rounds`` rounds, each releasing the sum of the cohort's contributions, each of
+L2 norm <= C, plus Gaussian noise of std z*C on the sum (``fl.privacy.user``). The epsilon returned
+is an upper bound (PLD: pessimistic discretisation; RDP: its conversion to (epsilon, delta)) on the
+privacy loss of everything released over the rounds, with respect to one device's whole data set:
+
+* ``poisson``: every device joins each round's cohort independently with probability
+  q = expected cohort / population, and who was sampled is not released (a trusted server may
+  know it). Adjacency: add or remove one device. Each round is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (amplification by
+  sampling), composed over the rounds.
+* ``fixed``: cohorts of a fixed size (without replacement, round robin, availability-driven...).
+  No amplification is claimed: for sampling without replacement it is only proven for replace-one
+  adjacency (sensitivity 2C), and availability-driven selection is not random at all. So a device
+  is assumed to be in every round: ``GaussianDpEvent(z)`` composed ``rounds`` times, ``q`` unused.
+  Adjacency: zero-out -- the device's data replaced by a null device contributing a zero update
+  (Kairouz et al. 2021, DP-FTRL), which moves the sum by at most C. Under replace-one adjacency the
+  sensitivity would be 2C, i.e. the epsilon of noise multiplier z/2.
+
+Adaptive clipping (``AdaptiveClipNorm``) is covered by accounting its total noise multiplier
+z_total, not the one left for the updates. The device-level DP-SGD budget is separate
+(``fl.privacy.sample``); ``sample_level_noise_multiplier`` calibrates it with Opacus.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import dp_accounting
+import numpy as np
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+log = logging.getLogger(__name__)
+
+Sampling = Literal["poisson", "fixed"]
+Accountant = Literal["pld", "rdp"]
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
+ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
+
+# Privacy-loss grid of the PLD accountant for noise multipliers >= 0.5 (per round, or of the whole
+# composition for ``fixed``): 1000 subsampled-Gaussian rounds take ~0.1-0.2 s. The PLD's support,
+# so the cost, grows like 1/noise: below 0.5 the grid coarsens like 1/noise^2, as epsilon grows.
+# The pessimistic discretisation adds up to ~10 grid steps to epsilon; when that could exceed ~1%
+# the epsilon is recomputed on a grid of epsilon/1000 (no finer than PLD_FINEST).
+PLD_DISCRETIZATION = 1e-3
+PLD_FINEST = 1e-4
+# RDP orders: fine below 10, where the optimum lies for moderate epsilon, then integers and a few
+# large orders for very small epsilon. (dp_accounting drops, with a warning, fractional orders near
+# 1 whose series fails to converge for large q; that only loosens the bound.)
+RDP_ORDERS: tuple[float, ...] = tuple(
+    np.concatenate(
+        [1.0 + np.arange(1, 37) / 4.0, np.arange(11, 65), [80, 96, 128, 192, 256, 384, 512, 1024]]
+    ).tolist()
+)
+_MIN_Z, _MAX_Z = 1e-3, 1e5  # calibration search range of the noise multiplier
+
+
+@dataclass(frozen=True)
+class UserLevelSpec:
+    """One DP-FedAvg run as the accountant sees it; validated on construction.
+
+    ``noise_multiplier`` z (std of the noise on the sum / C; 0 means no noise, epsilon = inf),
+    ``sampling_rate`` q = expected cohort / population, ``rounds`` the number of noised releases,
+    ``delta``, ``sampling`` (``poisson`` or ``fixed``, see the module doc), ``accountant``
+    (``pld``: tight; ``rdp``: looser, the classic moments accountant).
+    """
+
+    noise_multiplier: float
+    sampling_rate: float
+    rounds: int
+    delta: float
+    sampling: Sampling = "poisson"
+    accountant: Accountant = "pld"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(
+                f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier!r}"
+            )
+        if not 0.0 <= self.sampling_rate <= 1.0:
+            raise ValueError(
+                f"sampling_rate must be in [0, 1] (expected cohort / population), "
+                f"got {self.sampling_rate!r}"
+            )
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"rounds must be an integer >= 0, got {self.rounds!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+
+
+def _round_event(spec: UserLevelSpec) -> dp_accounting.DpEvent:
+    gaussian = dp_accounting.GaussianDpEvent(spec.noise_multiplier)
+    if spec.sampling == "fixed":
+        return gaussian
+    return dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
+
+
+def _pld_epsilon(spec: UserLevelSpec) -> float:
+    z = spec.noise_multiplier
+    if spec.sampling == "fixed":
+        z /= math.sqrt(spec.rounds)  # T-fold Gaussian(z) is one Gaussian(z / sqrt(T))
+    interval = PLD_DISCRETIZATION * max(1.0, (0.5 / z) ** 2)
+
+    def epsilon(value_discretization_interval: float) -> float:
+        accountant = PLDAccountant(value_discretization_interval=value_discretization_interval)
+        accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds))
+        return float(accountant.get_epsilon(spec.delta))
+
+    eps = epsilon(interval)
+    finer = max(eps / 1000.0, PLD_FINEST)
+    if finer < interval / 2:
+        eps = min(eps, epsilon(finer))  # both are upper bounds (pessimistic discretisation)
+    return eps
+
+
+def user_level_epsilon(spec: UserLevelSpec) -> float:
+    """Epsilon (at ``spec.delta``) of ``spec.rounds`` DP-FedAvg rounds; see the module doc.
+
+    0.0 for zero rounds (or a Poisson rate of 0); ``math.inf`` without noise.
+    """
+    if spec.rounds == 0 or (spec.sampling == "poisson" and spec.sampling_rate == 0.0):
+        return 0.0
+    if spec.noise_multiplier == 0.0:
+        return math.inf
+    if spec.accountant == "pld":
+        return _pld_epsilon(spec)
+    accountant = RdpAccountant(orders=list(RDP_ORDERS))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds))
+    return float(accountant.get_epsilon(spec.delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
+    sampling: Sampling = "poisson",
+    accountant: Accountant = "pld",
+    rtol: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier z (to ``rtol`` relative) with ``user_level_epsilon <= target``.
+
+    Bisection on log z; the returned z is always one whose epsilon was computed and found
+    <= ``target_epsilon``. Raises ``ValueError`` when even z = 1e5 does not reach the target.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+
+    @functools.lru_cache(maxsize=None)
+    def epsilon(z: float) -> float:
+        return user_level_epsilon(
+            UserLevelSpec(z, sampling_rate, rounds, delta, sampling, accountant)
+        )
+
+    hi = 1.0
+    while epsilon(hi) > target_epsilon:
+        if hi >= _MAX_Z:
+            raise ValueError(
+                f"epsilon {target_epsilon} is unattainable in {rounds} rounds at q={sampling_rate} "
+                f"({sampling} sampling) even with noise multiplier {_MAX_Z:g}: raise the target, "
+                "or use fewer rounds or a smaller sampling rate"
+            )
+        hi = min(2.0 * hi, _MAX_Z)
+    lo = hi / 2.0
+    while epsilon(lo) <= target_epsilon:
+        if lo <= _MIN_Z:
+            return lo
+        hi, lo = lo, max(lo / 2.0, _MIN_Z)
+    while hi / lo > 1.0 + rtol:
+        mid = math.sqrt(lo * hi)
+        if epsilon(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    log.info(
+        "calibrated user-level noise multiplier %.4f for epsilon %.3g (delta %.1e, %d rounds, "
+        "q=%.3g, %s sampling, %s)", hi, target_epsilon, delta, rounds, sampling_rate, sampling,
+        accountant,
+    )
+    return hi
+
+
+def extrapolate(population: int, cohort: int) -> float:
+    """Sampling rate q = cohort / population for accounting a stated, larger deployment.
+
+    Simulations run a few devices per round, but the guarantee is meant for the deployment: an
+    expected ``cohort`` per round out of ``population`` devices (as pfl-research does with its
+    ``population`` and ``noise_cohort_size``). Account with this q, and in simulation add the noise
+    the deployment would put on the *average*: std z*C / cohort on the mean of the simulated
+    devices, i.e. z*C * simulated_cohort / cohort on their sum. The epsilon then describes the
+    deployment, not the simulation, and is only valid if the deployment really runs that way.
+    """
+    for name, value in (("population", population), ("cohort", cohort)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if cohort > population:
+        raise ValueError(f"cohort ({cohort}) cannot exceed the population ({population})")
+    return cohort / population
+
+
+def sample_level_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """Opacus DP-SGD noise multiplier reaching ``target_epsilon`` after ``steps`` steps at rate
+    ``sample_rate`` (a device's whole training over all rounds it will take part in).
+
+    Uses ``opacus.accountants.utils.get_noise_multiplier`` (accountants ``rdp``, ``prv``, ``gdp``)
+    with a tolerance of 1% of the target (at most 0.01); its result has epsilon <= target.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=min(0.01, 0.01 * target_epsilon),
+        )
+    )

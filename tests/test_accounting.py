@@ -1,0 +1,150 @@
+"""User-level accounting on dp_accounting: monotone, PLD vs RDP consistent, matches the exact
+Gaussian mechanism, calibrates round-trip; sample-level calibration through Opacus."""
+
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fl.privacy.accounting import (
+    UserLevelSpec,
+    calibrate_noise_multiplier,
+    extrapolate,
+    sample_level_noise_multiplier,
+    user_level_epsilon,
+)
+
+DELTA = 1e-5
+
+
+def _eps(z, q=0.01, rounds=200, sampling="poisson", accountant="pld", delta=DELTA) -> float:
+    return user_level_epsilon(UserLevelSpec(z, q, rounds, delta, sampling, accountant))
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def exact_gaussian_epsilon(z: float, delta: float) -> float:
+    """Epsilon of one Gaussian mechanism with noise multiplier z (Balle & Wang 2018, Thm. 8):
+    delta(eps) = Phi(-eps z + 1/(2z)) - e^eps Phi(-eps z - 1/(2z)), decreasing in eps."""
+
+    def delta_of(eps: float) -> float:
+        return _phi(-eps * z + 1 / (2 * z)) - math.exp(eps) * _phi(-eps * z - 1 / (2 * z))
+
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_epsilon_grows_with_rounds_and_rate_and_shrinks_with_noise(accountant):
+    by_rounds = [_eps(1.0, q=0.05, rounds=t, accountant=accountant) for t in (1, 10, 100, 1000)]
+    assert 0 < by_rounds[0] < by_rounds[1] < by_rounds[2] < by_rounds[3]
+    by_rate = [_eps(1.0, q=q, accountant=accountant) for q in (0.01, 0.05, 0.2)]
+    assert 0 < by_rate[0] < by_rate[1] < by_rate[2]
+    by_noise = [_eps(z, accountant=accountant) for z in (0.6, 0.8, 1.0, 2.0)]
+    assert by_noise[0] > by_noise[1] > by_noise[2] > by_noise[3] > 0
+
+
+@pytest.mark.parametrize(
+    "z,q,rounds", [(1.0, 0.01, 1000), (0.8, 0.05, 100), (1.5, 0.02, 500), (2.0, 0.1, 50)]
+)
+def test_pld_and_rdp_agree_and_rdp_is_looser(z, q, rounds):
+    pld, rdp = _eps(z, q, rounds), _eps(z, q, rounds, accountant="rdp")
+    assert pld <= rdp + 1e-2
+    assert rdp <= 1.2 * pld
+
+
+def test_fixed_sampling_claims_no_amplification():
+    for z in (0.8, 1.0, 3.0):
+        poisson, fixed = _eps(z, q=0.05), _eps(z, q=0.05, sampling="fixed")
+        assert fixed > poisson
+        # Fixed ignores q, and Poisson at q = 1 is the same un-amplified mechanism.
+        assert _eps(z, q=0.5, sampling="fixed") == fixed
+        assert _eps(z, q=1.0) == pytest.approx(fixed, rel=1e-2, abs=1e-2)
+
+
+@pytest.mark.parametrize("z", [0.7, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("delta", [1e-5, 1e-3])
+def test_one_round_matches_the_exact_gaussian_mechanism(z, delta):
+    exact = exact_gaussian_epsilon(z, delta)
+    pld = _eps(z, rounds=1, sampling="fixed", delta=delta)
+    assert pld == pytest.approx(exact, abs=1e-2)
+    assert pld >= exact - 1e-9  # PLD's discretisation is pessimistic: an upper bound
+    assert _eps(z, rounds=1, sampling="fixed", accountant="rdp", delta=delta) >= exact
+
+
+def test_fixed_rounds_compose_to_a_gaussian_with_noise_over_sqrt_rounds():
+    for z, rounds in [(3.0, 9), (5.0, 100)]:
+        exact = exact_gaussian_epsilon(z / math.sqrt(rounds), DELTA)
+        assert _eps(z, rounds=rounds, sampling="fixed") == pytest.approx(exact, rel=1e-3, abs=1e-2)
+
+
+def test_degenerate_cases_and_validation():
+    assert _eps(1.0, rounds=0) == 0.0
+    assert _eps(0.0, rounds=0) == 0.0
+    assert _eps(1.0, q=0.0) == 0.0
+    assert _eps(0.0) == math.inf
+    bad = [
+        dict(noise_multiplier=-1.0),
+        dict(sampling_rate=1.5),
+        dict(rounds=-1),
+        dict(rounds=2.5),
+        dict(delta=0.0),
+        dict(delta=1.0),
+        dict(sampling="shuffled"),
+        dict(accountant="prv"),
+    ]
+    good = dict(noise_multiplier=1.0, sampling_rate=0.1, rounds=10, delta=DELTA)
+    for change in bad:
+        with pytest.raises(ValueError, match=next(iter(change))):
+            UserLevelSpec(**{**good, **change})
+
+
+@pytest.mark.parametrize(
+    "target,q,rounds,sampling,accountant",
+    [
+        (2.0, 0.01, 300, "poisson", "pld"),
+        (8.0, 0.05, 100, "poisson", "rdp"),
+        (5.0, 1.0, 20, "fixed", "pld"),
+    ],
+)
+def test_calibration_round_trips(target, q, rounds, sampling, accountant):
+    z = calibrate_noise_multiplier(target, q, rounds, DELTA, sampling, accountant)
+    spec = dict(sampling_rate=q, rounds=rounds, delta=DELTA, sampling=sampling)
+    spec["accountant"] = accountant
+    eps = user_level_epsilon(UserLevelSpec(z, **spec))
+    assert eps <= target
+    assert eps >= 0.98 * target
+    assert user_level_epsilon(UserLevelSpec(z * (1 - 2e-3), **spec)) > target  # smallest z
+
+
+def test_calibration_reports_unattainable_targets():
+    with pytest.raises(ValueError, match="unattainable"):
+        calibrate_noise_multiplier(1e-4, 1.0, 1000, DELTA, "fixed", "pld")
+    with pytest.raises(ValueError, match="target_epsilon"):
+        calibrate_noise_multiplier(0.0, 0.1, 10, DELTA)
+
+
+def test_extrapolate():
+    assert extrapolate(1_000_000, 1000) == 1e-3
+    assert extrapolate(10, 10) == 1.0
+    for population, cohort in [(10, 11), (0, 0), (100, 0), (100.0, 10)]:
+        with pytest.raises(ValueError):
+            extrapolate(population, cohort)
+
+
+def test_sample_level_noise_multiplier_reaches_its_target_in_opacus():
+    z = sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=400)
+    acc = RDPAccountant()
+    acc.history = [(z, 0.1, 400)]
+    assert 2.9 <= acc.get_epsilon(delta=DELTA) <= 3.0
+    with pytest.raises(ValueError, match="steps"):
+        sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.0, steps=10)
