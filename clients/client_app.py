@@ -1,63 +1,59 @@
 """The Flower ClientApp: what runs on a device.
 
 On ``train`` the device loads the global weights, fine-tunes them on its own recordings -- with
-Opacus DP-SGD when sample-level privacy is on -- and replies with the new weights and a few
-scalars. Its DP-SGD history lives in the device's persistent ``context.state``, so the epsilon it
-reports is cumulative over every round it has trained in. On ``evaluate`` it reports WER/CER of
-the global model on its local test split.
+Opacus DP-SGD when sample-level privacy is on -- and replies with its model *update* (clipped and,
+under local user-level DP, noised) and a few scalars. The epsilon it reports covers every round it
+ever trained in, and it declines rounds past its own budget. On ``evaluate`` it reports WER/CER of the global model
+on its local test split, and its current epsilon. Every reply passes ``outbound_guard``.
+The DP-SGD ledger is a file on the device (``clients/budget.py``), written before the reply.
 """
 
 from __future__ import annotations
 
-import logging
+import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import budget
+from clients.guard import outbound_guard
 from fl import protocol as P
-from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
+from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
-from fl.privacy.sample import SampleAccount, dp_sgd_round
+from fl.privacy.sample import dp_sgd_round, sample_rate
+from fl.privacy.update import model_delta, privatize_update
 from fl.train import evaluate, freeze_except, plain_round
 
-log = logging.getLogger(__name__)
+class DeviceStore(Protocol):
+    """Where a device's recordings and its privacy ledger live (simulated or real)."""
 
-DataSource = Callable[[Context], DeviceData]
+    def data(self, context: Context) -> DeviceData: ...
+
+    def ledger(self, context: Context) -> Path: ...
 
 
 @dataclass(frozen=True)
 class DeviceSettings:
-    """A device's own training policy. ``privacy`` is None when sample-level DP is off."""
+    """A device's own training and privacy policy (None = that privacy level is off)."""
 
     model: ModelConfig
     train: TrainConfig
-    privacy: Optional[SamplePrivacyConfig]
+    sample: Optional[SamplePrivacyConfig]
+    user: Optional[UserPrivacyConfig]
     seed: int
     threads: int = 1
+    drop_after_training: float = 0.0
 
 
-def load_account(context: Context, accountant: str) -> SampleAccount:
-    rec = context.state.get(P.STATE_DP)
-    if rec is None:
-        return SampleAccount(accountant=accountant)
-    history = list(zip(rec["noise"], rec["rate"], rec["steps"]))
-    return SampleAccount(history=[(float(z), float(q), int(n)) for z, q, n in history], accountant=accountant)
-
-
-def save_account(context: Context, account: SampleAccount) -> None:
-    context.state[P.STATE_DP] = ConfigRecord(
-        {
-            "noise": [float(z) for z, _, _ in account.history],
-            "rate": [float(q) for _, q, _ in account.history],
-            "steps": [int(n) for _, _, n in account.history],
-        }
-    )
+class InjectedFault(RuntimeError):
+    """Fault injection: the device trained (and spent budget) but its reply is lost."""
 
 
 def _model(settings: DeviceSettings, msg: Message, tokenizer: CharTokenizer) -> ConformerCTC:
@@ -66,58 +62,87 @@ def _model(settings: DeviceSettings, msg: Message, tokenizer: CharTokenizer) -> 
     return model
 
 
-def make_client_app(settings: DeviceSettings, data: DataSource) -> ClientApp:
-    """Build the ClientApp for devices whose recordings ``data(context)`` returns."""
-    app = ClientApp()
+def _privacy_metrics(ledger: Path, cfg: SamplePrivacyConfig) -> dict[str, float]:
+    account = budget.load_account(ledger, cfg.accountant)
+    if not account.history:
+        return {}
+    z, q, _ = account.history[-1]
+    return {P.EPSILON_SAMPLE: account.epsilon(cfg.delta), P.DP_STEPS: account.steps, P.SAMPLE_RATE: q,
+            P.NOISE_MULTIPLIER: z, P.MAX_GRAD_NORM: cfg.max_grad_norm}
+
+
+def _train(settings: DeviceSettings, msg: Message, context: Context, device: DeviceData, ledger: Path,
+           tokenizer: CharTokenizer) -> Message:
+    config = msg.content[P.CONFIG]
+    server_round = int(config[P.ROUND])
+    seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
+    torch.manual_seed(seed)
+    model = _model(settings, msg, tokenizer)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_except(model, settings.train.trainable)
+    # under user-level DP the average is unweighted: the example count is not needed, so not sent
+    metrics: dict[str, float | int] = {} if settings.user else {P.NUM_EXAMPLES: len(device.train)}
+    dp = settings.sample
+    if dp is not None:
+        account = budget.load_account(ledger, dp.accountant)
+        rate = sample_rate(len(device.train), settings.train.batch_size)
+        sigma = budget.noise_multiplier(ledger, dp, rate, settings.train.local_steps,
+                                        int(config[P.PLANNED_ROUNDS]), float(config[P.PARTICIPATION]))
+        if budget.would_exceed(account, dp, sigma, rate, settings.train.local_steps):
+            reply = {P.DECLINED: 1, **_privacy_metrics(ledger, dp)}
+            return Message(content=RecordDict({P.METRICS: MetricRecord(reply)}), reply_to=msg)
+        stats = dp_sgd_round(model, device.train, settings.train, dp, account, tokenizer.blank,
+                             settings.model.n_mels, seed, noise_multiplier=sigma)
+        budget.save_account(ledger, account, sigma)
+        metrics |= {P.EMPTY_STEPS: stats.empty_steps, **_privacy_metrics(ledger, dp)}
+    else:
+        loss = plain_round(model, device.train, settings.train, tokenizer.blank, settings.model.n_mels, seed)
+        if settings.user is None:  # a training loss is not covered by any DP guarantee: only without DP
+            metrics[P.TRAIN_LOSS] = loss
+    update = model_delta(model.state_dict(), base)
+    if settings.user is not None:
+        generator = torch.Generator().manual_seed(seed)
+        update, bit = privatize_update(update, settings.user, float(config[P.CLIP_NORM]),
+                                       int(config[P.NOISE_COHORT]), generator,
+                                       secure=bool(dp and dp.secure_mode))
+        if bit is not None:
+            metrics[P.CLIP_BIT] = bit
+    if settings.drop_after_training and random.Random(seed).random() < settings.drop_after_training:
+        raise InjectedFault(f"injected fault: device {context.node_id} trained in round {server_round}, reply lost")
+    content = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Optional[str] = None) -> ClientApp:
+    """Build the ClientApp for devices whose recordings and ledger ``store`` locates.
+
+    ``audit_dir``: if set, the outbound guard logs the shape of every reply there.
+    """
     tokenizer = CharTokenizer()
+    reference = ConformerCTC(settings.model, tokenizer.vocab_size).state_dict()
+    app = ClientApp(mods=[outbound_guard({k: tuple(v.shape) for k, v in reference.items()}, audit_dir)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         torch.set_num_threads(settings.threads)
-        device = data(context)
-        server_round = int(msg.content[P.CONFIG][P.ROUND])
-        seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
-        torch.manual_seed(seed)
-        model = _model(settings, msg, tokenizer)
-        freeze_except(model, settings.train.trainable)
-        metrics: dict[str, float | int] = {P.NUM_EXAMPLES: len(device.train)}
-        if settings.privacy is not None:
-            account = load_account(context, settings.privacy.accountant)
-            stats = dp_sgd_round(
-                model, device.train, settings.train, settings.privacy, account,
-                tokenizer.blank, settings.model.n_mels, seed,
-            )
-            save_account(context, account)
-            metrics |= {
-                P.TRAIN_LOSS: stats.mean_loss,
-                P.EPSILON_SAMPLE: account.epsilon(settings.privacy.delta),
-                P.DP_STEPS: account.steps,
-                P.EMPTY_STEPS: stats.empty_steps,
-                P.SAMPLE_RATE: stats.sample_rate,
-                P.NOISE_MULTIPLIER: settings.privacy.noise_multiplier,
-                P.MAX_GRAD_NORM: settings.privacy.max_grad_norm,
-            }
-        else:
-            metrics[P.TRAIN_LOSS] = plain_round(model, device.train, settings.train, tokenizer.blank,
-                                                settings.model.n_mels, seed)
-        metrics[P.SECONDS] = time.perf_counter() - started
-        content = RecordDict({P.ARRAYS: ArrayRecord(model.state_dict()), P.METRICS: MetricRecord(metrics)})
-        return Message(content=content, reply_to=msg)
+        reply = _train(settings, msg, context, store.data(context), store.ledger(context), tokenizer)
+        if reply.has_content() and P.METRICS in reply.content:
+            reply.content[P.METRICS][P.SECONDS] = time.perf_counter() - started
+        return reply
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(settings.threads)
-        device = data(context)
+        device = store.data(context)
         result = evaluate(_model(settings, msg, tokenizer), device.test, tokenizer, settings.model.n_mels)
-        metrics = MetricRecord({
-            P.NUM_EXAMPLES: result.utterances,
-            P.WER: result.wer,
-            P.CER: result.cer,
-            P.LOSS: result.loss,
+        metrics: dict[str, float | int] = {
+            P.NUM_EXAMPLES: result.utterances, P.WER: result.wer, P.CER: result.cer, P.LOSS: result.loss,
             P.WORDS: sum(len(e.text.split()) for e in device.test),
             P.CHARS: sum(len(e.text) for e in device.test),
-        })
-        return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+        }
+        if settings.sample is not None:
+            metrics |= _privacy_metrics(store.ledger(context), settings.sample)
+        return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

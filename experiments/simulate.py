@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from clients.client_app import DeviceSettings, make_client_app
 from clients.simulated import SimulatedDevices
-from fl.config import Config, register_configs
+from fl.config import Config, register_configs, validate
 from fl.data.fleet import write_fleet
 from fl.data.prepare import prepare_data
 from fl.data.text import CharTokenizer
@@ -47,18 +48,20 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     torch.save(data.held_out, fleet / "held_out.pt")
     (out_dir / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in data.problems))
 
-    privacy = cfg.privacy.sample
-    device = DeviceSettings(cfg.model, cfg.train, privacy, cfg.seed, cfg.federation.threads_per_client)
+    sample, fed = cfg.privacy.sample, cfg.federation
+    device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client,
+                            fed.drop_after_training)
     server = ServerSettings(
-        out_dir=str(out_dir), rounds=cfg.federation.rounds,
-        clients_per_round=cfg.federation.clients_per_round, round_timeout=cfg.federation.round_timeout,
-        seed=cfg.seed, model=cfg.model, initial_weights=str(seed.path), eval_examples=str(fleet / "held_out.pt"),
-        sample_delta=privacy.delta if privacy else None, sample_accountant=privacy.accountant if privacy else None,
-        config=resolved,
+        out_dir=str(out_dir), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
+        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=str(seed.path),
+        eval_examples=str(fleet / "held_out.pt"), config=resolved, sampling=fed.sampling,
+        sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
+        user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon,
     )
+    audit = str(out_dir / "outbound") if fed.audit_outbound else None
     run_simulation(
         server_app=make_server_app(server),
-        client_app=make_client_app(device, SimulatedDevices(str(fleet))),
+        client_app=make_client_app(device, SimulatedDevices(str(fleet)), audit),
         num_supernodes=len(data.devices),
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
@@ -98,6 +101,11 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    try:
+        validate(cfg)
+    except ValueError as err:
+        log.error("invalid config: %s", err)
+        sys.exit(2)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
     print_summary(summary, out_dir)

@@ -79,29 +79,78 @@ class TrainConfig:
 
 @dataclass
 class SamplePrivacyConfig:
-    """Utterance-level DP-SGD on the device (Opacus)."""
+    """Utterance-level DP-SGD on the device (Opacus).
+
+    ``target_epsilon`` (optional) replaces ``noise_multiplier``: the device derives the noise from
+    the planned rounds and its expected participation. ``max_epsilon`` (optional) is the device's
+    own budget: it declines a round that would take it past that epsilon.
+    """
 
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"
     secure_mode: bool = False
+    target_epsilon: Optional[float] = None
+    max_epsilon: Optional[float] = None
+
+
+@dataclass
+class UserPrivacyConfig:
+    """Device-level DP-FedAvg: clip each device's whole update to C, Gaussian noise z*C on the sum.
+
+    ``noise``: ``central`` (the server adds it) or ``local`` (every device adds all of it).
+    ``clipping``: ``fixed``, ``adaptive`` (Andrew et al. 2021: C tracks the ``target_quantile`` of
+    update norms, paid for by a noised count with ``count_noise_multiplier``) or ``per_layer``.
+    ``population`` and ``cohort`` (optional, together) account a larger stated deployment
+    (q = cohort / population) than the simulation runs; the report marks it as extrapolated.
+    """
+
+    noise: str = "central"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    clipping: str = "fixed"
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_noise_multiplier: float = 10.0
+    delta: float = 1e-3
+    accountant: str = "pld"
+    target_epsilon: Optional[float] = None
+    population: Optional[int] = None
+    cohort: Optional[int] = None
 
 
 @dataclass
 class PrivacyConfig:
-    """``name`` is ``none`` or ``sample``; ``sample`` is null when sample-level DP is off."""
+    """``name`` is ``none``, ``sample``, ``user`` or ``both``; a block is null when that level is off.
 
-    name: str = "sample"
-    sample: Optional[SamplePrivacyConfig] = field(default_factory=SamplePrivacyConfig)
+    ``max_epsilon`` (optional): the server stops before a round that would take the user-level
+    epsilon past it.
+    """
+
+    name: str = "none"
+    sample: Optional[SamplePrivacyConfig] = None
+    user: Optional[UserPrivacyConfig] = None
+    max_epsilon: Optional[float] = None
 
 
 @dataclass
 class FederationConfig:
-    """Rounds, cohort and the simulation backend's resources."""
+    """Rounds, cohort and the simulation backend's resources.
+
+    ``sampling``: ``poisson`` (each device joins a round independently with probability
+    clients_per_round / devices: what amplification by sampling needs) or ``fixed`` (exactly
+    clients_per_round devices; user-level DP is then accounted without amplification).
+    ``drop_after_training``: fault injection, the probability that a device trains and then
+    loses its reply (its privacy spend still counts). ``audit_outbound``: log the shape of every
+    message a device sends to ``<run dir>/outbound/``.
+    """
 
     rounds: int = 6
     clients_per_round: int = 6
+    sampling: str = "poisson"
+    drop_after_training: float = 0.0
+    audit_outbound: bool = False
     num_cpus_per_client: float = 1.0
     threads_per_client: int = 1
     round_timeout: float = 3600.0
@@ -124,3 +173,38 @@ class Config:
 def register_configs() -> None:
     """Register the root schema as ``schema`` so ``conf/config.yaml`` can build on it."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+_CHOICES = {
+    "data.partition": ("speaker", "iid", "dirichlet"),
+    "privacy.name": ("none", "sample", "user", "both"),
+    "privacy.user.noise": ("central", "local"),
+    "privacy.user.clipping": ("fixed", "adaptive", "per_layer"),
+    "federation.sampling": ("poisson", "fixed"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Reject inconsistent settings before anything runs, saying what to change."""
+    values = {
+        "data.partition": cfg.data.partition,
+        "privacy.name": cfg.privacy.name,
+        "privacy.user.noise": cfg.privacy.user.noise if cfg.privacy.user else "central",
+        "privacy.user.clipping": cfg.privacy.user.clipping if cfg.privacy.user else "fixed",
+        "federation.sampling": cfg.federation.sampling,
+    }
+    if values["privacy.user.noise"] == "distributed":
+        raise ValueError("privacy.user.noise=distributed needs secure aggregation (SecAgg+), which is not wired "
+                         "into unheard yet; use central (trusted server) or local")
+    for key, value in values.items():
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{key}={value!r} is not one of {_CHOICES[key]}")
+    expect = {"none": (False, False), "sample": (True, False), "user": (False, True), "both": (True, True)}
+    has = (cfg.privacy.sample is not None, cfg.privacy.user is not None)
+    if has != expect[cfg.privacy.name]:
+        raise ValueError(f"privacy.name={cfg.privacy.name} but sample is {'set' if has[0] else 'null'} and user is "
+                         f"{'set' if has[1] else 'null'}; pick the preset with privacy=none|sample|user|both")
+    if cfg.federation.clients_per_round < 1 or cfg.federation.rounds < 0:
+        raise ValueError("federation.clients_per_round must be >= 1 and federation.rounds >= 0")
+    if not 0.0 <= cfg.federation.drop_after_training <= 1.0:
+        raise ValueError("federation.drop_after_training is a probability in [0, 1]")

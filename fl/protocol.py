@@ -7,7 +7,6 @@ A device's reply carries only ``ARRAYS`` (model weights, the model's own shapes)
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-STATE_DP = "sample-dp"
 
 # config keys sent by the server
 ROUND = "server-round"
@@ -27,3 +26,13 @@ CER = "cer"
 LOSS = "loss"
 WORDS = "words"
 CHARS = "chars"
+
+# more config keys sent by the server
+CLIP_NORM = "clip-norm"
+NOISE_COHORT = "noise-cohort"
+PLANNED_ROUNDS = "planned-rounds"
+PARTICIPATION = "participation"
+
+# more metric keys returned by devices
+DECLINED = "declined"
+CLIP_BIT = "clip-bit"

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 
 def fedavg(updates: Sequence[ArrayRecord], weights: Sequence[float] | None = None) -> ArrayRecord:
-    """Weighted mean of the devices' weights (unweighted when ``weights`` is None)."""
+    """Weighted mean of the devices' updates (or weights) (unweighted when ``weights`` is None)."""
     if not updates:
         raise ValueError("fedavg needs at least one update")
     w = torch.tensor(weights if weights is not None else [1.0] * len(updates), dtype=torch.float64)

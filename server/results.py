@@ -19,7 +19,10 @@ class RoundRow:
     ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side).
     ``device_wer``/``device_cer``: global model on the devices' own local test splits
     (federated evaluation, pooled over all devices' words/characters).
+    ``clients``: updates aggregated; ``declined``: devices that refused (budget spent);
+    ``failures``: devices that errored or timed out.
     ``epsilon_sample``: largest cumulative sample-level epsilon of any device so far (null when off).
+    ``epsilon_user``: user-level epsilon of the global model after this round (null when off).
     """
 
     round: int
@@ -30,6 +33,7 @@ class RoundRow:
     device_cer: Optional[float]
     train_loss: Optional[float]
     clients: int
+    declined: int
     failures: int
     epsilon_sample: Optional[float]
     epsilon_user: Optional[float]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,10 +27,10 @@ class Replies:
 
 def exchange(
     grid: Grid, nodes: list[int], message_type: str, arrays: ArrayRecord, server_round: int,
-    timeout: float, need_arrays: bool,
+    timeout: float, config: dict[str, Any],
 ) -> Replies:
-    """Send the global ``arrays`` to ``nodes`` and wait for their replies (up to ``timeout`` s)."""
-    content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round})})
+    """Send the global ``arrays`` and ``config`` to ``nodes`` and wait for replies (up to ``timeout`` s)."""
+    content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round, **config})})
     messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
     out = Replies()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -37,7 +38,7 @@ def exchange(
         if reply.has_error():
             log.warning("device %s failed in round %d: %s", node, server_round, reply.error.reason)
             out.failed.append(node)
-        elif P.METRICS not in reply.content or (need_arrays and P.ARRAYS not in reply.content):
+        elif P.METRICS not in reply.content:
             log.warning("device %s sent a malformed reply in round %d", node, server_round)
             out.failed.append(node)
         else:
@@ -47,8 +48,10 @@ def exchange(
     return out
 
 
-def train(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float) -> Replies:
-    return exchange(grid, nodes, MessageType.TRAIN, arrays, server_round, timeout, need_arrays=True)
+def train(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float,
+          config: dict[str, Any]) -> Replies:
+    """A training round; a reply without arrays is a device declining (its budget is spent)."""
+    return exchange(grid, nodes, MessageType.TRAIN, arrays, server_round, timeout, config)
 
 
 def pooled_error_rates(replies: Replies) -> tuple[float | None, float | None]:
@@ -61,5 +64,6 @@ def pooled_error_rates(replies: Replies) -> tuple[float | None, float | None]:
     return word_errors / words, char_errors / chars
 
 
-def evaluate(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float) -> Replies:
-    return exchange(grid, nodes, MessageType.EVALUATE, arrays, server_round, timeout, need_arrays=False)
+def evaluate(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float,
+             config: dict[str, Any]) -> Replies:
+    return exchange(grid, nodes, MessageType.EVALUATE, arrays, server_round, timeout, config)

@@ -1,9 +1,10 @@
 """The Flower ServerApp: the round loop, aggregation, evaluation, checkpoints and results.
 
-Each round: sample a cohort of devices, send them the global model, average the weights they
-send back (FedAvg), evaluate the new global model on held-out speakers (server side) and on every
-device's local test split (federated evaluation), checkpoint it, and append a row to
-``results.jsonl`` with the privacy spent so far.
+Each round: sample devices (Poisson by default), send them the global model, combine the updates
+they send back (example-weighted FedAvg, or the user-level DP average of ``server/user_dp.py``),
+evaluate the new global model on held-out speakers (server side) and on every device's local test
+split (federated evaluation), checkpoint it, and append a row to ``results.jsonl`` with the privacy
+spent so far. A user-level budget (``max_epsilon``) stops the run before a round that would exceed it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from fl import protocol as P
-from fl.config import ModelConfig
+from fl.config import ModelConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.train import evaluate as evaluate_model
 from server import rounds
 from server.aggregate import fedavg
+from server.ledger import SampleLedger
 from server.results import ResultsWriter, RoundRow
+from server.sampling import participation_rate, sample_cohort
+from server.user_dp import UserLevelDP
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,12 @@ class ServerSettings:
     model: ModelConfig
     initial_weights: str
     eval_examples: str
-    sample_delta: Optional[float]
-    sample_accountant: Optional[str]
     config: dict[str, Any]
-    weighted: bool = True
+    sampling: str = "poisson"
+    sample_delta: Optional[float] = None
+    sample_accountant: Optional[str] = None
+    user: Optional[UserPrivacyConfig] = None
+    max_epsilon: Optional[float] = None
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -57,39 +63,13 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-class _Privacy:
-    """Tracks each device's cumulative sample-level epsilon as devices report it."""
-
-    def __init__(self, delta: Optional[float]) -> None:
-        self.delta = delta
-        self.by_node: dict[int, dict[str, float]] = {}
-
-    def update(self, replies: rounds.Replies) -> None:
-        for m in replies.ok:
-            metrics = m.content[P.METRICS]
-            if P.EPSILON_SAMPLE in metrics:
-                self.by_node[m.metadata.src_node_id] = {k: float(v) for k, v in metrics.items()}
-
-    @property
-    def epsilon(self) -> Optional[float]:
-        if self.delta is None or not self.by_node:
-            return None
-        return max(r[P.EPSILON_SAMPLE] for r in self.by_node.values())
-
-    def block(self, accountant: Optional[str]) -> Optional[dict[str, Any]]:
-        """The summary's ``privacy.sample``: the figures of the device with the largest epsilon."""
-        if not self.by_node:
-            return None
-        worst = max(self.by_node.values(), key=lambda r: r[P.EPSILON_SAMPLE])
-        return {
-            "noise_multiplier": worst[P.NOISE_MULTIPLIER], "max_grad_norm": worst[P.MAX_GRAD_NORM],
-            "sample_rate": worst[P.SAMPLE_RATE], "max_steps": int(worst[P.DP_STEPS]),
-            "epsilon": worst[P.EPSILON_SAMPLE], "delta": self.delta, "accountant": accountant,
-        }
+def _apply(arrays: ArrayRecord, update: dict[str, torch.Tensor]) -> ArrayRecord:
+    state = arrays.to_torch_state_dict()
+    return ArrayRecord({k: v + update[k].to(v.dtype) if k in update else v for k, v in state.items()})
 
 
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
-    """Run ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl."""
+    """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl."""
     out = Path(s.out_dir)
     tokenizer = CharTokenizer()
     model = ConformerCTC(s.model, tokenizer.vocab_size)
@@ -97,45 +77,68 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     eval_set = torch.load(s.eval_examples, weights_only=False)
     arrays = ArrayRecord(model.state_dict())
     writer = ResultsWriter(out)
-    privacy = _Privacy(s.sample_delta)
+    ledger = SampleLedger(s.sample_delta, s.sample_accountant)
     rng = random.Random(s.seed)
     nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout)
     if not nodes:
         raise RuntimeError("no devices connected: nothing to train on")
-    log.info("%d devices available; %d per round", len(nodes), s.clients_per_round)
+    participation = participation_rate(s.clients_per_round, len(nodes))
+    user = (UserLevelDP(s.user, len(nodes), s.clients_per_round, s.sampling, s.rounds, s.seed)
+            if s.user else None)
+    log.info("%d devices, %s sampling of %d a round (q = %.3f)", len(nodes), s.sampling, s.clients_per_round,
+             participation)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    stopped: Optional[str] = None
 
-    def measure(r: int, started: float, replies: Optional[rounds.Replies], losses: list[float]) -> RoundRow:
+    def measure(r: int, started: float, replies: Optional[rounds.Replies], declined: int) -> RoundRow:
         model.load_state_dict(arrays.to_torch_state_dict())
         central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
-        fed = rounds.evaluate(grid, nodes, arrays, r, s.round_timeout)
+        fed = rounds.evaluate(grid, nodes, arrays, r, s.round_timeout, {})
+        ledger.update(fed)
         dwer, dcer = rounds.pooled_error_rates(fed)
+        losses = replies.metric(P.TRAIN_LOSS) if replies else []
         torch.save({"round": r, "state_dict": model.state_dict()}, out / "checkpoints" / f"round-{r:03d}.pt")
         return RoundRow(
             round=r, wer=central.wer, cer=central.cer, loss=central.loss, device_wer=dwer, device_cer=dcer,
             train_loss=sum(losses) / len(losses) if losses else None,
-            clients=len(replies.ok) if replies else 0, failures=len(replies.failed) if replies else 0,
-            epsilon_sample=privacy.epsilon, epsilon_user=None,
-            delta=s.sample_delta, seconds=time.perf_counter() - started,
+            clients=len(replies.ok) - declined if replies else 0, declined=declined,
+            failures=len(replies.failed) if replies else 0,
+            epsilon_sample=ledger.epsilon, epsilon_user=user.epsilon() if user else None,
+            delta=s.sample_delta if s.sample_delta is not None else (user.cfg.delta if user else None),
+            seconds=time.perf_counter() - started,
         )
 
     with Progress() as progress:
         bar = progress.add_task("federated rounds", total=s.rounds)
-        writer.append(measure(0, time.perf_counter(), None, []))
+        writer.append(measure(0, time.perf_counter(), None, 0))
         for r in range(1, s.rounds + 1):
+            if user and s.max_epsilon is not None and user.epsilon(r) > s.max_epsilon:
+                stopped = f"round {r} would take user-level epsilon to {user.epsilon(r):.3f} > {s.max_epsilon}"
+                log.warning("budget stop: %s", stopped)
+                break
             started = time.perf_counter()
-            cohort = sorted(rng.sample(nodes, min(s.clients_per_round, len(nodes))))
-            replies = rounds.train(grid, cohort, arrays, r, s.round_timeout)
-            privacy.update(replies)
-            if replies.ok:
-                weights = replies.metric(P.NUM_EXAMPLES) if s.weighted else None
-                arrays = fedavg([m.content[P.ARRAYS] for m in replies.ok], weights)
+            cohort = sample_cohort(nodes, s.clients_per_round, s.sampling, rng)
+            extra = {P.PLANNED_ROUNDS: s.rounds, P.PARTICIPATION: participation}
+            if user:
+                extra |= user.device_config()
+            ledger.sent_training(cohort)
+            replies = rounds.train(grid, cohort, arrays, r, s.round_timeout, extra)
+            ledger.update(replies)
+            usable = [m for m in replies.ok if P.ARRAYS in m.content]
+            updates = [m.content[P.ARRAYS].to_torch_state_dict() for m in usable]
+            if user:
+                bits = [float(m.content[P.METRICS][P.CLIP_BIT]) for m in usable if P.CLIP_BIT in m.content[P.METRICS]]
+                arrays = _apply(arrays, user.aggregate(updates, arrays.to_torch_state_dict(), bits))
+            elif usable:
+                weights = [float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in usable]
+                arrays = _apply(arrays, fedavg([m.content[P.ARRAYS] for m in usable], weights).to_torch_state_dict())
             else:
                 log.warning("round %d: no device returned an update; the global model is unchanged", r)
-            row = measure(r, started, replies, replies.metric(P.TRAIN_LOSS))
+            row = measure(r, started, replies, len(replies.ok) - len(usable))
             writer.append(row)
-            log.info("round %d: WER %.3f device WER %s eps %s (%d ok, %d failed, %.1fs)", r, row.wer,
-                     row.device_wer, row.epsilon_sample, row.clients, row.failures, row.seconds)
+            log.info("round %d: WER %.3f, device WER %s, eps sample %s user %s (%d updates, %d declined, %d failed)",
+                     r, row.wer, row.device_wer, row.epsilon_sample, row.epsilon_user, row.clients, row.declined,
+                     row.failures)
             progress.update(bar, advance=1, description=f"round {r}: WER {row.wer:.3f}")
     seed, final = writer.rows[0], writer.rows[-1]
     writer.write_summary({
@@ -143,8 +146,9 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         "seed_model": _scores(seed),
         "final": _scores(final),
         "rounds": final.round,
+        "stopped_early": stopped,
         "seconds": sum(row.seconds for row in writer.rows),
-        "privacy": {"sample": privacy.block(s.sample_accountant), "user": None},
+        "privacy": {"sample": ledger.block(), "user": user.block() if user else None},
     })
     return writer.rows
 

@@ -33,3 +33,9 @@ def fake_examples(n: int, seed: int = 0, n_mels: int = 16) -> list[Example]:
 @pytest.fixture
 def examples() -> list[Example]:
     return fake_examples(12)
+
+
+@pytest.fixture(scope="session")
+def sim_cache(tmp_path_factory):
+    """One corpus/feature/seed-model cache shared by every end-to-end simulation of a test session."""
+    return tmp_path_factory.mktemp("sim-cache")

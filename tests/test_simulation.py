@@ -14,16 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "epsilon_sample", "epsilon_user", "delta", "seconds"}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke")
+def simulate(out: Path, cache: Path, *overrides: str) -> Path:
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     cmd = [sys.executable, "-m", "experiments.simulate", "experiment=smoke",
-           f"data.cache_dir={out / 'cache'}", f"hydra.run.dir={out / 'run'}"]
+           f"data.cache_dir={cache}", f"hydra.run.dir={out / 'run'}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, sim_cache) -> Path:
+    return simulate(tmp_path_factory.mktemp("smoke"), sim_cache, "federation.sampling=fixed",
+                    "federation.audit_outbound=true")
 
 
 def test_results_have_a_row_per_round(smoke_run):
@@ -56,3 +60,23 @@ def test_run_dir_holds_checkpoints_and_the_printed_table(smoke_run):
     assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
     out = (smoke_run / "stdout.txt").read_text()
     assert "seed (public only)" in out and "epsilon" in out
+
+
+def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
+    from clients.guard import ALLOWED_METRICS
+    from fl.config import ModelConfig
+    from fl.model.conformer import ConformerCTC
+
+    run = smoke_run / "run"
+    cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
+    shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
+    rows = [json.loads(line) for f in (run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["type"] for r in rows} == {"train", "evaluate"}
+    assert sum(r["type"] == "train" for r in rows) == 2 * 4  # every training reply of the run was seen
+    for r in rows:
+        assert set(r["records"]) <= {"arrays", "metrics"}
+        if r["type"] == "train":
+            assert r["arrays"] == shapes  # the whole update, exactly the model's arrays and shapes
+        else:
+            assert r["arrays"] is None
+        assert set(r["metrics"]) <= ALLOWED_METRICS and set(r["metrics"].values()) <= {"int", "float"}

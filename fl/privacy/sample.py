@@ -53,6 +53,11 @@ class SampleAccount:
         return float(acc.get_epsilon(delta=delta))
 
 
+def sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling rate giving an expected batch of ``batch_size`` out of ``n`` examples."""
+    return min(1.0, batch_size / n)
+
+
 def poisson_batch(n: int, rate: float, rng: random.Random) -> list[int]:
     """Indices of one Poisson-sampled batch: each of ``n`` items independently with ``rate``."""
     return [i for i in range(n) if rng.random() < rate]
@@ -75,23 +80,25 @@ def dp_sgd_round(
     blank: int,
     n_mels: int,
     seed: int,
+    noise_multiplier: float | None = None,
 ) -> DPRoundStats:
     """Train ``model`` in place for ``train.local_steps`` DP-SGD steps; record them in ``account``.
 
-    The sampling rate is ``train.batch_size / len(examples)`` (capped at 1). In ``secure_mode`` the
+    The sampling rate is ``train.batch_size / len(examples)`` (capped at 1); ``noise_multiplier``
+    overrides ``privacy.noise_multiplier`` (the device's target-epsilon mode derives its own). In ``secure_mode`` the
     batch sampling and the noise use the OS's cryptographically secure generator.
     """
     n = len(examples)
     if n == 0:
         raise ValueError("DP-SGD needs at least one training example")
-    rate = min(1.0, train.batch_size / n)
+    rate = sample_rate(n, train.batch_size)
     rng: random.Random = random.SystemRandom() if privacy.secure_mode else random.Random(seed)
     gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = DPOptimizer(
         torch.optim.AdamW(
             [p for p in gs_model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
         ),
-        noise_multiplier=privacy.noise_multiplier,
+        noise_multiplier=privacy.noise_multiplier if noise_multiplier is None else noise_multiplier,
         max_grad_norm=privacy.max_grad_norm,
         expected_batch_size=max(1, round(rate * n)),
         loss_reduction="mean",

@@ -1,0 +1,29 @@
+"""Which devices take part in a round.
+
+``poisson``: every device joins independently with probability q = expected / population -- the
+sampling that the amplification-by-subsampling theorem for user-level DP assumes.
+``fixed``: exactly ``expected`` devices drawn without replacement; the user-level accountant then
+claims no amplification (see ``fl/privacy/accounting.py``).
+"""
+
+from __future__ import annotations
+
+import random
+
+SCHEMES = ("poisson", "fixed")
+
+
+def participation_rate(expected: int, population: int) -> float:
+    if population < 1 or expected < 1:
+        raise ValueError(f"need at least one device and a cohort of at least 1 (got {population}, {expected})")
+    return min(1.0, expected / population)
+
+
+def sample_cohort(nodes: list[int], expected: int, scheme: str, rng: random.Random) -> list[int]:
+    """The devices of one round (possibly none under Poisson sampling)."""
+    if scheme == "poisson":
+        q = participation_rate(expected, len(nodes))
+        return [n for n in nodes if rng.random() < q]
+    if scheme == "fixed":
+        return sorted(rng.sample(nodes, min(expected, len(nodes))))
+    raise ValueError(f"unknown federation.sampling={scheme!r}; expected one of {SCHEMES}")

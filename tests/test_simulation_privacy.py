@@ -1,0 +1,40 @@
+"""End to end with both privacy levels, lost replies and a user-level budget."""
+
+import json
+
+import pytest
+
+from fl.privacy.accounting import UserLevelSpec, user_level_epsilon
+from server.results import read_results
+from tests.test_simulation import simulate
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory, sim_cache):
+    return simulate(
+        tmp_path_factory.mktemp("both"), sim_cache, "privacy=both", "federation.rounds=3",
+        "federation.drop_after_training=1.0",
+        "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=1.5",
+    ) / "run"
+
+
+def test_budget_stops_the_run_before_the_round_that_would_exceed_it(private_run):
+    summary = json.loads((private_run / "summary.json").read_text())
+    user = summary["privacy"]["user"]
+    spec = lambda r: UserLevelSpec(user["noise_multiplier"], user["sampling_rate"], r, user["delta"],  # noqa: E731
+                                   user["sampling"], user["accountant"])
+    done = summary["rounds"]
+    assert summary["stopped_early"] and f"round {done + 1}" in summary["stopped_early"]
+    assert user_level_epsilon(spec(done)) <= 1.5 < user_level_epsilon(spec(done + 1))
+    assert user["epsilon"] == pytest.approx(user_level_epsilon(spec(done)), rel=1e-9)
+    assert user["rounds"] == done >= 1
+
+
+def test_devices_whose_replies_were_lost_still_have_their_spend_counted(private_run):
+    rows = read_results(private_run)
+    trained = rows[1:]
+    assert all(r["clients"] == 0 for r in trained)  # every training reply was lost ...
+    assert sum(r["failures"] for r in trained) > 0
+    assert trained[-1]["epsilon_sample"] > 0  # ... yet the spend reached the server (via evaluation replies)
+    sample = json.loads((private_run / "summary.json").read_text())["privacy"]["sample"]
+    assert sample["max_steps"] > 0 and sample["devices_unconfirmed"] == 0
