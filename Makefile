@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test smoke clean-cache
+.PHONY: install demo test smoke bench clean-cache
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 smoke: $(STAMP)
 	$(VENV)/bin/unheard-simulate experiment=smoke
+
+bench: $(STAMP)
+	$(VENV)/bin/unheard-bench --out bench.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

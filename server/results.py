@@ -23,6 +23,8 @@ class RoundRow:
     ``failures``: devices that errored or timed out.
     ``epsilon_sample``: largest cumulative sample-level epsilon of any device so far (null when off).
     ``epsilon_user``: user-level epsilon of the global model after this round (null when off).
+    ``delta``: the sample-level delta (the user-level one when only user-level DP is on);
+    ``delta_user``: the user-level delta (null when off).
     """
 
     round: int
@@ -38,6 +40,7 @@ class RoundRow:
     epsilon_sample: Optional[float]
     epsilon_user: Optional[float]
     delta: Optional[float]
+    delta_user: Optional[float]
     seconds: float
 
 

@@ -105,6 +105,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             failures=len(replies.failed) if replies else 0,
             epsilon_sample=ledger.epsilon, epsilon_user=user.epsilon() if user else None,
             delta=s.sample_delta if s.sample_delta is not None else (user.cfg.delta if user else None),
+            delta_user=user.cfg.delta if user else None,
             seconds=time.perf_counter() - started,
         )
 
