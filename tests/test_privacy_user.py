@@ -9,7 +9,6 @@ import torch
 
 from fl.privacy.user import (
     AdaptiveClipNorm,
-    bounded_weights,
     clip_update,
     gaussian_noise_like,
     layer_clip_norms,
@@ -224,26 +223,3 @@ def test_effective_noise_multiplier():
         AdaptiveClipNorm(1.0).effective_noise_multiplier(1.0)
     with pytest.raises(ValueError, match="target_quantile"):
         AdaptiveClipNorm(1.0, target_quantile=1.0)
-
-
-def test_bounded_weights_keep_the_sensitivity():
-    assert bounded_weights([0, 5, 10, 400], 10) == [0.0, 0.5, 1.0, 1.0]
-    with pytest.raises(ValueError, match="cap"):
-        bounded_weights([1], 0)
-    with pytest.raises(ValueError, match="examples"):
-        bounded_weights([-1], 4)
-    # Removing any one device moves the weighted sum of clipped updates by at most C.
-    c, counts = 0.5, [3, 40, 7, 1000, 12]
-    updates = [clip_update(_update(i, scale=100.0), c)[0] for i in range(len(counts))]
-    weights = bounded_weights(counts, 20)
-
-    def weighted_sum(skip: int) -> dict:
-        return {
-            k: sum(w * u[k].double() for i, (w, u) in enumerate(zip(weights, updates)) if i != skip)
-            for k in SHAPES
-        }
-
-    full = weighted_sum(-1)
-    for i in range(len(counts)):
-        diff = {k: full[k] - weighted_sum(i)[k] for k in SHAPES}
-        assert update_norm(diff) <= c + 1e-9

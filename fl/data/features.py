@@ -118,9 +118,6 @@ class Batch:
     targets: torch.Tensor  # [B, L] int64, zero-padded
     target_lens: torch.Tensor  # [B]
 
-    def __len__(self) -> int:
-        return int(self.feats.shape[0])
-
 
 def collate(examples: Sequence[Example], n_mels: int) -> Batch:
     """Pad a list of examples into one batch (an empty list gives an empty batch)."""

@@ -43,10 +43,6 @@ def write_fleet(devices: Mapping[str, DeviceData], root: Path) -> list[str]:
     return ids
 
 
-def fleet_size(root: Path) -> int:
-    return len(json.loads((Path(root) / INDEX).read_text())["devices"])
-
-
 @lru_cache(maxsize=64)
 def load_device(root: str, partition_id: int) -> DeviceData:
     """Load (and keep in this process' memory) the data of the device with ``partition_id``."""

@@ -2,11 +2,11 @@
 
 Guarantee. One round of DP-FedAvg releases the noised sum of the cohort's bounded contributions
 
-    S = sum_{i in cohort} w_i * clip(Delta_i, C) + N(0, (z C)^2 I),    with 0 <= w_i <= 1,
+    S = sum_{i in cohort} clip(Delta_i, C) + N(0, (z C)^2 I),
 
 (the caller divides S by a public constant, such as the expected cohort size, never by a data-
 dependent count). Each device's contribution has L2 norm <= C (``clip_update`` / ``per_layer_clip``
-ensure it exactly, float error included; ``bounded_weights`` keeps w_i <= 1), so adding or removing
+ensure it exactly, float error included; updates are summed unweighted), so adding or removing
 one device -- or zeroing out its contribution -- moves S by at most C in L2: one round is the
 Gaussian mechanism with noise multiplier z with respect to a device's whole data set. Over rounds
 it composes as accounted in ``fl.privacy.accounting`` (subsampled Gaussian only if the cohort is
@@ -329,18 +329,3 @@ class AdaptiveClipNorm:
                 "(Andrew et al. suggest expected cohort / 20)"
             )
         return (z_total**-2 - two_sigma_b**-2) ** -0.5
-
-
-def bounded_weights(num_examples: Sequence[int], cap: int) -> list[float]:
-    """Aggregation weights min(n_i, cap) / cap, each in [0, 1].
-
-    Sensitivity: with weights w_i <= 1 and updates clipped to C, a device changes
-    sum_i w_i * Delta_i by at most C, so weighted averaging keeps the sensitivity (and the noise
-    z*C, and the accounting) of unweighted averaging -- as long as the sum is divided by a public
-    constant (the expected cohort size, or expected weight sum), never by the realised sum of
-    weights, which depends on the data. Uncapped example-count weights would break the bound.
-    """
-    _check_int("cap", cap, 1)
-    for n in num_examples:
-        _check_int("a number of examples", n, 0)
-    return [min(n, cap) / cap for n in num_examples]
