@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from clients import budget
 from clients.guard import outbound_guard
+from clients.secure_app import secure_train_mods
 from fl import protocol as P
 from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
@@ -120,9 +121,17 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     """
     tokenizer = CharTokenizer()
     reference = ConformerCTC(settings.model, tokenizer.vocab_size).state_dict()
-    app = ClientApp(mods=[outbound_guard({k: tuple(v.shape) for k, v in reference.items()}, audit_dir)])
+    shapes = {k: tuple(v.shape) for k, v in reference.items()}
+    guard = outbound_guard(shapes, audit_dir)
+    if settings.user is not None and settings.user.noise == "distributed":
+        # SecAgg+ wraps training; the clear-text guard checks the update before it is masked
+        app = ClientApp()
+        train_mods, evaluate_mods = secure_train_mods(shapes) + [guard], [guard]
+    else:
+        app = ClientApp(mods=[guard])
+        train_mods, evaluate_mods = [], []
 
-    @app.train()
+    @app.train(mods=train_mods)
     def train(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         torch.set_num_threads(settings.threads)
@@ -131,7 +140,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
             reply.content[P.METRICS][P.SECONDS] = time.perf_counter() - started
         return reply
 
-    @app.evaluate()
+    @app.evaluate(mods=evaluate_mods)
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(settings.threads)
         device = store.data(context)

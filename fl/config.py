@@ -99,7 +99,9 @@ class SamplePrivacyConfig:
 class UserPrivacyConfig:
     """Device-level DP-FedAvg: clip each device's whole update to C, Gaussian noise z*C on the sum.
 
-    ``noise``: ``central`` (the server adds it) or ``local`` (every device adds all of it).
+    ``noise``: ``central`` (the server adds it), ``local`` (every device adds all of it) or
+    ``distributed`` (every device adds z*C/sqrt(secure_threshold) and Flower's SecAgg+ shows the
+    server only sums of at least ``secure_threshold`` devices; see docs/privacy.md for its caveats).
     ``clipping``: ``fixed``, ``adaptive`` (Andrew et al. 2021: C tracks the ``target_quantile`` of
     update norms, paid for by a noised count with ``count_noise_multiplier``) or ``per_layer``.
     ``population`` and ``cohort`` (optional, together) account a larger stated deployment
@@ -118,6 +120,7 @@ class UserPrivacyConfig:
     target_epsilon: Optional[float] = None
     population: Optional[int] = None
     cohort: Optional[int] = None
+    secure_threshold: int = 3
 
 
 @dataclass
@@ -178,7 +181,7 @@ def register_configs() -> None:
 _CHOICES = {
     "data.partition": ("speaker", "iid", "dirichlet"),
     "privacy.name": ("none", "sample", "user", "both"),
-    "privacy.user.noise": ("central", "local"),
+    "privacy.user.noise": ("central", "local", "distributed"),
     "privacy.user.clipping": ("fixed", "adaptive", "per_layer"),
     "federation.sampling": ("poisson", "fixed"),
 }
@@ -193,9 +196,6 @@ def validate(cfg: Config) -> None:
         "privacy.user.clipping": cfg.privacy.user.clipping if cfg.privacy.user else "fixed",
         "federation.sampling": cfg.federation.sampling,
     }
-    if values["privacy.user.noise"] == "distributed":
-        raise ValueError("privacy.user.noise=distributed needs secure aggregation (SecAgg+), which is not wired "
-                         "into unheard yet; use central (trusted server) or local")
     for key, value in values.items():
         if value not in _CHOICES[key]:
             raise ValueError(f"{key}={value!r} is not one of {_CHOICES[key]}")

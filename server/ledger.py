@@ -7,7 +7,7 @@ has not reported since is listed as unconfirmed: its spend may be higher than th
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from fl import protocol as P
 from server.rounds import Replies
@@ -25,11 +25,13 @@ class SampleLedger:
 
     def update(self, replies: Replies) -> None:
         for m in replies.ok:
-            metrics = m.content[P.METRICS]
-            if P.EPSILON_SAMPLE in metrics:
-                node = m.metadata.src_node_id
-                self.by_node[node] = {k: float(v) for k, v in metrics.items()}
-                self.unconfirmed.discard(node)
+            self.report(m.metadata.src_node_id, m.content[P.METRICS])
+
+    def report(self, node: int, metrics: Mapping[str, Any]) -> None:
+        """Take one device's reported figures (from any kind of reply)."""
+        if P.EPSILON_SAMPLE in metrics:
+            self.by_node[node] = {k: float(v) for k, v in metrics.items()}
+            self.unconfirmed.discard(node)
 
     @property
     def epsilon(self) -> Optional[float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,12 +25,15 @@ from fl import protocol as P
 from fl.config import ModelConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
+from fl.privacy.secagg import clipping_range_for
+from fl.privacy.user import noise_std_per_device
 from fl.train import evaluate as evaluate_model
 from server import rounds
 from server.aggregate import fedavg
 from server.ledger import SampleLedger
 from server.results import ResultsWriter, RoundRow
 from server.sampling import participation_rate, sample_cohort
+from server.secure_round import secure_sum
 from server.user_dp import UserLevelDP
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,51 @@ def _apply(arrays: ArrayRecord, update: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v + update[k].to(v.dtype) if k in update else v for k, v in state.items()})
 
 
+@dataclass
+class RoundOutcome:
+    """How one training round went: updates aggregated, devices that declined or failed."""
+
+    updates: int = 0
+    declined: int = 0
+    failures: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _plain_round(grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger,
+                 cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any]) -> tuple[ArrayRecord, RoundOutcome]:
+    """Devices reply with their updates in clear; FedAvg them, or average them privately (user-level)."""
+    replies = rounds.train(grid, cohort, arrays, r, s.round_timeout, extra)
+    ledger.update(replies)
+    usable = [m for m in replies.ok if P.ARRAYS in m.content]
+    updates = [m.content[P.ARRAYS].to_torch_state_dict() for m in usable]
+    if user:
+        bits = [float(m.content[P.METRICS][P.CLIP_BIT]) for m in usable if P.CLIP_BIT in m.content[P.METRICS]]
+        arrays = _apply(arrays, user.aggregate(updates, arrays.to_torch_state_dict(), bits))
+    elif usable:
+        weights = [float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in usable]
+        arrays = _apply(arrays, fedavg([m.content[P.ARRAYS] for m in usable], weights).to_torch_state_dict())
+    else:
+        log.warning("round %d: no device returned an update; the global model is unchanged", r)
+    return arrays, RoundOutcome(len(usable), len(replies.ok) - len(usable), len(replies.failed),
+                                replies.metric(P.TRAIN_LOSS))
+
+
+def _secure_round(grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger,
+                  cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any]) -> tuple[ArrayRecord, RoundOutcome]:
+    """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is averaged."""
+    reference = arrays.to_torch_state_dict()
+    numel = sum(v.numel() for v in reference.values() if v.is_floating_point())
+    std = noise_std_per_device("distributed", user.z_update, user.clip_norm, user.cfg.secure_threshold)
+    result = secure_sum(grid, cohort, arrays, r, extra, s.round_timeout,
+                        clipping_range=clipping_range_for(user.clip_norm, std, numel, max(1, len(cohort))),
+                        min_contributors=user.cfg.secure_threshold)
+    for node, metrics in result.metrics.items():
+        ledger.report(node, metrics)
+    arrays = _apply(arrays, user.aggregate([result.total] if result.total is not None else [], reference, []))
+    declined = sum(1 for m in result.metrics.values() if m.get(P.DECLINED))
+    return arrays, RoundOutcome(len(result.contributed) - declined, declined, len(result.failed))
+
+
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl."""
     out = Path(s.out_dir)
@@ -90,19 +138,18 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     stopped: Optional[str] = None
 
-    def measure(r: int, started: float, replies: Optional[rounds.Replies], declined: int) -> RoundRow:
+    def measure(r: int, started: float, outcome: Optional[RoundOutcome]) -> RoundRow:
         model.load_state_dict(arrays.to_torch_state_dict())
         central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
         fed = rounds.evaluate(grid, nodes, arrays, r, s.round_timeout, {})
         ledger.update(fed)
         dwer, dcer = rounds.pooled_error_rates(fed)
-        losses = replies.metric(P.TRAIN_LOSS) if replies else []
+        o = outcome or RoundOutcome()
         torch.save({"round": r, "state_dict": model.state_dict()}, out / "checkpoints" / f"round-{r:03d}.pt")
         return RoundRow(
             round=r, wer=central.wer, cer=central.cer, loss=central.loss, device_wer=dwer, device_cer=dcer,
-            train_loss=sum(losses) / len(losses) if losses else None,
-            clients=len(replies.ok) - declined if replies else 0, declined=declined,
-            failures=len(replies.failed) if replies else 0,
+            train_loss=sum(o.losses) / len(o.losses) if o.losses else None,
+            clients=o.updates, declined=o.declined, failures=o.failures,
             epsilon_sample=ledger.epsilon, epsilon_user=user.epsilon() if user else None,
             delta=s.sample_delta if s.sample_delta is not None else (user.cfg.delta if user else None),
             delta_user=user.cfg.delta if user else None,
@@ -111,7 +158,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
 
     with Progress() as progress:
         bar = progress.add_task("federated rounds", total=s.rounds)
-        writer.append(measure(0, time.perf_counter(), None, 0))
+        writer.append(measure(0, time.perf_counter(), None))
         for r in range(1, s.rounds + 1):
             if user and s.max_epsilon is not None and user.epsilon(r) > s.max_epsilon:
                 stopped = f"round {r} would take user-level epsilon to {user.epsilon(r):.3f} > {s.max_epsilon}"
@@ -123,19 +170,11 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             if user:
                 extra |= user.device_config()
             ledger.sent_training(cohort)
-            replies = rounds.train(grid, cohort, arrays, r, s.round_timeout, extra)
-            ledger.update(replies)
-            usable = [m for m in replies.ok if P.ARRAYS in m.content]
-            updates = [m.content[P.ARRAYS].to_torch_state_dict() for m in usable]
-            if user:
-                bits = [float(m.content[P.METRICS][P.CLIP_BIT]) for m in usable if P.CLIP_BIT in m.content[P.METRICS]]
-                arrays = _apply(arrays, user.aggregate(updates, arrays.to_torch_state_dict(), bits))
-            elif usable:
-                weights = [float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in usable]
-                arrays = _apply(arrays, fedavg([m.content[P.ARRAYS] for m in usable], weights).to_torch_state_dict())
+            if user and user.secure:
+                arrays, outcome = _secure_round(grid, s, user, ledger, cohort, arrays, r, extra)
             else:
-                log.warning("round %d: no device returned an update; the global model is unchanged", r)
-            row = measure(r, started, replies, len(replies.ok) - len(usable))
+                arrays, outcome = _plain_round(grid, s, user, ledger, cohort, arrays, r, extra)
+            row = measure(r, started, outcome)
             writer.append(row)
             log.info("round %d: WER %.3f, device WER %s, eps sample %s user %s (%d updates, %d declined, %d failed)",
                      r, row.wer, row.device_wer, row.epsilon_sample, row.epsilon_user, row.clients, row.declined,

@@ -1,6 +1,7 @@
 """Server side of user-level (device-level) DP-FedAvg, and its accountant.
 
-Guarantee: with ``noise=central`` and a trusted server, or ``noise=local`` without trusting it,
+Guarantee: with ``noise=central`` and a trusted server, ``noise=local`` without trusting it, or
+``noise=distributed`` with an honest-but-curious server under secure aggregation (``server/secure_round.py``),
 the sequence of global models is (epsilon, delta)-DP with respect to adding or removing all the
 data of any one device (zero-out neighbours), where epsilon composes over the rounds run a
 subsampled Gaussian mechanism with noise multiplier z and rate q = expected cohort / devices,
@@ -35,11 +36,11 @@ log = logging.getLogger(__name__)
 class UserLevelDP:
     def __init__(self, cfg: UserPrivacyConfig, devices: int, expected_cohort: int, sampling: str,
                  planned_rounds: int, seed: int) -> None:
-        if cfg.noise not in ("central", "local"):
-            raise ValueError(
-                f"privacy.user.noise={cfg.noise!r} is not available: distributed noise needs secure "
-                "aggregation (SecAgg+), which unheard does not wire in yet; use central or local"
-            )
+        if cfg.noise not in ("central", "local", "distributed"):
+            raise ValueError(f"privacy.user.noise={cfg.noise!r}: expected central, local or distributed")
+        if cfg.noise == "distributed" and (cfg.population is not None or cfg.secure_threshold < 3):
+            raise ValueError("privacy.user.noise=distributed needs secure_threshold >= 3 and no extrapolation "
+                             "(population/cohort): the simulated sum must carry the accounted noise")
         if cfg.clipping == "adaptive" and cfg.noise != "central":
             raise ValueError("privacy.user.clipping=adaptive is supported with noise=central only")
         if (cfg.population is None) != (cfg.cohort is None):
@@ -64,12 +65,22 @@ class UserLevelDP:
         self.generator = torch.Generator().manual_seed(seed + 7919)
 
     @property
+    def secure(self) -> bool:
+        """Distributed noise: updates are summed by secure aggregation, never seen one by one."""
+        return self.cfg.noise == "distributed"
+
+    @property
     def clip_norm(self) -> float:
         return self.adaptive.clip_norm if self.adaptive else self.cfg.clipping_norm
 
     def device_config(self) -> dict[str, Any]:
-        """What devices need for their part: the current clip norm and the cohort sharing the noise."""
-        return {P.CLIP_NORM: self.clip_norm, P.NOISE_COHORT: self.sim_cohort}
+        """What devices need for their part: the current clip norm and the cohort sharing the noise.
+
+        Under distributed noise the cohort sharing it is the secure-aggregation threshold: any sum
+        the server can decode covers at least that many devices, so it carries noise std >= z*C.
+        """
+        cohort = self.cfg.secure_threshold if self.secure else self.sim_cohort
+        return {P.CLIP_NORM: self.clip_norm, P.NOISE_COHORT: cohort}
 
     def spec(self, rounds: int) -> UserLevelSpec:
         return UserLevelSpec(noise_multiplier=self.z, sampling_rate=self.rate, rounds=rounds, delta=self.cfg.delta,

@@ -38,3 +38,14 @@ def test_devices_whose_replies_were_lost_still_have_their_spend_counted(private_
     assert trained[-1]["epsilon_sample"] > 0  # ... yet the spend reached the server (via evaluation replies)
     sample = json.loads((private_run / "summary.json").read_text())["privacy"]["sample"]
     assert sample["max_steps"] > 0 and sample["devices_unconfirmed"] == 0
+
+
+def test_distributed_noise_runs_under_secure_aggregation(tmp_path_factory, sim_cache):
+    run = simulate(tmp_path_factory.mktemp("distributed"), sim_cache, "privacy=user",
+                   "privacy.user.noise=distributed", "federation.sampling=fixed", "federation.rounds=2") / "run"
+    rows = read_results(run)
+    assert [r["clients"] for r in rows[1:]] == [4, 4]
+    user = json.loads((run / "summary.json").read_text())["privacy"]["user"]
+    assert user["noise"] == "distributed" and user["rounds"] == 2
+    spec = UserLevelSpec(user["noise_multiplier"], user["sampling_rate"], 2, user["delta"], "fixed", user["accountant"])
+    assert user["epsilon"] == pytest.approx(user_level_epsilon(spec), rel=1e-9)

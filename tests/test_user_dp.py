@@ -94,10 +94,16 @@ def test_extrapolation_is_labelled_and_scales_the_noise():
     assert block["extrapolated"] is True and block["sampling_rate"] == pytest.approx(0.01)
 
 
-def test_distributed_noise_without_secure_aggregation_is_refused():
-    with pytest.raises(ValueError, match="secure aggregation"):
-        UserLevelDP(UserPrivacyConfig(noise="distributed"), devices=8, expected_cohort=4, sampling="poisson",
-                    planned_rounds=3, seed=0)
+def test_distributed_noise_is_shared_by_the_secure_threshold_and_never_extrapolated():
+    dp = UserLevelDP(UserPrivacyConfig(noise="distributed", secure_threshold=5), devices=40, expected_cohort=10,
+                     sampling="poisson", planned_rounds=3, seed=0)
+    assert dp.secure and dp.device_config()["noise-cohort"] == 5  # any decodable sum has >= 5 noise shares
+    out = dp.aggregate([], {"x": torch.zeros(1000)}, [])
+    assert torch.count_nonzero(out["x"]) == 0  # the server adds none itself
+    for bad in (dict(secure_threshold=2), dict(population=1000, cohort=10)):
+        with pytest.raises(ValueError, match="distributed"):
+            UserLevelDP(UserPrivacyConfig(noise="distributed", **bad), devices=40, expected_cohort=10,
+                        sampling="poisson", planned_rounds=3, seed=0)
 
 
 def test_target_epsilon_calibrates_the_noise():

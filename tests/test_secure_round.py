@@ -1,0 +1,227 @@
+"""Secure aggregation (SecAgg+) in a real Flower simulation: the server gets the sum, not the updates.
+
+A tiny ServerApp calls ``server.secure_round.secure_sum`` twice over 4 simulated devices whose
+ClientApp (behind ``clients.secure_app``'s mods and the ordinary outbound guard) returns known,
+node-specific updates. Round 1: everyone contributes. Round 2: one device fails while training
+(a dropout after key sharing), and the sum of the other three is still recovered.
+"""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
+from flwr.serverapp import Grid, ServerApp
+
+from clients.guard import OutboundViolation, outbound_guard
+from clients.secure_app import check_secure_reply, fitres_adapter, secure_train_mods
+from fl import protocol as P
+from fl.privacy.secagg import SECURE_NAMES, clipping_range_for, quantization_range_for, quantization_step
+from server.secure_round import secure_sum
+
+RANGE = 8.0
+SHAPES = {"w": (3, 4), "b": (5,), "count": ()}
+FAIL = "fail-node"
+GLOBAL_W = 0.25
+
+
+def global_arrays() -> ArrayRecord:
+    # "count" is an integer buffer: not part of any update (model_delta covers floats only)
+    return ArrayRecord({"w": torch.full((3, 4), GLOBAL_W), "b": torch.zeros(5), "count": torch.tensor(7)})
+
+
+def true_update(node: int) -> dict[str, torch.Tensor]:
+    """What device ``node`` sends: deterministic, different per node, within [-RANGE, RANGE]."""
+    g = torch.Generator().manual_seed(node % (2**63))
+    return {"w": torch.rand(3, 4, generator=g) * 4 - 2, "b": torch.randn(5, generator=g)}
+
+
+def make_client_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train(mods=secure_train_mods(SHAPES) + [outbound_guard(SHAPES)])
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content[P.CONFIG]
+        if int(config.get(FAIL, -1)) == context.node_id % (2**62):
+            raise RuntimeError("injected failure while training")
+        weights = msg.content[P.ARRAYS].to_torch_state_dict()
+        assert set(weights) == set(SHAPES) and torch.all(weights["w"] == GLOBAL_W) and int(weights["count"]) == 7
+        update = {k: v + (weights[k] - GLOBAL_W if k == "w" else 0) for k, v in true_update(context.node_id).items()}
+        metrics = MetricRecord({P.EPSILON_SAMPLE: 0.5, P.SECONDS: 0.01})
+        return Message(RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+class RecordingGrid:
+    """The server's grid, recording every reply the server receives."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid, self.received = grid, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.received += replies
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+def make_server_app(out: dict) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        deadline = time.monotonic() + 30
+        while len(nodes := sorted(grid.get_node_ids())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recorder = RecordingGrid(grid)
+        kw = dict(clipping_range=RANGE, min_contributors=3)
+        out["nodes"] = nodes
+        started = time.perf_counter()
+        out["r1"] = secure_sum(recorder, nodes, global_arrays(), 1, {P.NOISE_COHORT: 3}, 120, **kw)
+        out["fail"], out["t1"] = nodes[0], time.perf_counter() - started
+        out["r2"] = secure_sum(recorder, nodes, global_arrays(), 2, {FAIL: nodes[0] % (2**62)}, 120, **kw)
+        out["t2"] = time.perf_counter() - started - out["t1"]
+        out["received"] = recorder.received
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def secure_run():
+    from flwr.simulation import run_simulation
+
+    out: dict = {}
+    started = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+        run_simulation(server_app=make_server_app(out), client_app=make_client_app(), num_supernodes=4,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"include_dashboard": False, "num_cpus": 2}})
+    out["seconds"] = time.perf_counter() - started
+    assert "received" in out, "the ServerApp did not finish"
+    return out
+
+
+def _expected(nodes):
+    return {k: sum(true_update(n)[k].to(torch.float64) for n in nodes) for k in ("w", "b")}
+
+
+def test_the_server_gets_the_sum_of_the_updates_within_the_quantisation_step(secure_run):
+    r1 = secure_run["r1"]
+    assert sorted(r1.contributed) == secure_run["nodes"] and r1.failed == []
+    assert r1.step == quantization_step(RANGE, quantization_range_for(4)) < 2e-8
+    expected = _expected(r1.contributed)
+    assert set(r1.total) == {"w", "b"}  # the integer buffer is not aggregated
+    for k in expected:
+        err = float((r1.total[k] - expected[k]).abs().max())
+        assert err <= len(r1.contributed) * r1.step, (k, err)
+    assert all(m == {P.EPSILON_SAMPLE: 0.5, P.SECONDS: 0.01} for m in r1.metrics.values())
+
+
+def test_a_device_dropping_after_key_sharing_leaves_the_sum_of_the_others(secure_run):
+    r2, fail = secure_run["r2"], secure_run["fail"]
+    assert r2.failed == [fail] and sorted(r2.contributed) == [n for n in secure_run["nodes"] if n != fail]
+    expected = _expected(r2.contributed)
+    for k in expected:
+        assert float((r2.total[k] - expected[k]).abs().max()) <= 3 * r2.step
+
+
+def test_the_server_never_receives_an_update_in_clear(secure_run):
+    q, masked_replies = quantization_range_for(4), 0
+    for reply in secure_run["received"]:
+        if reply.has_error():
+            continue
+        check_secure_reply(reply.content, SHAPES)  # protocol records only; any array record is empty
+        assert all(len(r) == 0 for r in reply.content.array_records.values())
+        protocol = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS not in protocol:
+            continue
+        masked_replies += 1
+        weight, *vector = [bytes_to_ndarray(b) for b in protocol[Key.MASKED_PARAMETERS]]
+        assert int(weight[0]) != q  # the clear weight would be exactly Q
+        truth = true_update(reply.metadata.src_node_id)
+        for name, m in zip(("w", "b"), vector):
+            as_if_clear = m.astype(np.float64) * 2 * RANGE / q - RANGE  # decode the masked integers alone
+            assert np.abs(as_if_clear - truth[name].numpy()).min() > 1e-3  # no coordinate even close
+    assert masked_replies == 4 + 3
+
+
+def test_the_simulation_is_quick(secure_run):
+    print(f"secure round simulation: {secure_run['seconds']:.1f} s (round 1, with actor start-up, "
+          f"{secure_run['t1']:.1f} s; round 2 {secure_run['t2']:.1f} s)")
+    assert secure_run["seconds"] < 60
+
+
+def test_range_and_quantisation_helpers():
+    assert quantization_range_for(4) * 4 < 2**32
+    r = clipping_range_for(1.0, 0.1, numel=10**6, devices=100, failure=1e-12)
+    assert 1.0 + 0.1 * 9.3 < r < 1.0 + 0.1 * 9.4  # 1e8 coordinates at 1e-12: P(|N| > k) <= 1e-20
+    assert 1e8 * math.erfc((r - 1.0) / 0.1 / math.sqrt(2)) <= 1e-12
+    assert clipping_range_for(2.0, 0.0, 10, 10) == 2.0
+
+
+def test_the_secure_guard_refuses_clear_arrays_and_foreign_records():
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({}),
+                          "fitres.parameters": ArrayRecord({"w": torch.zeros(3, 4)})})
+    with pytest.raises(OutboundViolation, match="in clear"):
+        check_secure_reply(content, SHAPES)
+    with pytest.raises(OutboundViolation, match="records"):
+        check_secure_reply(RecordDict({P.ARRAYS: ArrayRecord({"w": torch.zeros(3, 4)})}), SHAPES)
+
+
+def _collect_stage_message(noise_cohort: int) -> tuple[Message, Context]:
+    arrays = global_arrays()
+    params = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
+    content = fitins_to_recorddict(FitIns(params, {SECURE_NAMES: list(arrays.keys()), P.NOISE_COHORT: noise_cohort,
+                                                   P.ROUND: 1}), True)
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    msg = Message(content=content, metadata=meta)
+    state = RecordDict({RECORD_KEY_STATE: ConfigRecord({"threshold": 3, "clipping_range": RANGE})})
+    return msg, Context(run_id=1, node_id=5, node_config={}, state=state, run_config={})
+
+
+def test_the_adapter_hands_train_named_arrays_and_returns_an_unweighted_fitres():
+    msg, context = _collect_stage_message(3)
+    seen = {}
+
+    def train(m: Message, c: Context) -> Message:
+        seen.update(m.content[P.ARRAYS].to_torch_state_dict())
+        seen["config"] = dict(m.content[P.CONFIG])
+        update = {"b": torch.ones(5), "w": torch.full((3, 4), 2.0)}  # any order: the adapter orders it
+        return Message(RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord({P.SECONDS: 1.0})}),
+                       reply_to=m)
+
+    reply = fitres_adapter(msg, context, train)
+    assert torch.all(seen["w"] == GLOBAL_W) and int(seen["count"]) == 7 and seen["config"][P.NOISE_COHORT] == 3
+    fitres = recorddict_to_fitres(reply.content, True)
+    w, b = parameters_to_ndarrays(fitres.parameters)
+    assert fitres.num_examples == 1 and fitres.metrics == {P.SECONDS: 1.0}
+    assert w.dtype == np.float64 and np.all(w == 2.0) and np.all(b == 1.0)
+
+
+def test_the_adapter_refuses_a_noise_cohort_above_the_secagg_threshold():
+    msg, context = _collect_stage_message(4)
+    with pytest.raises(OutboundViolation, match="exceeds the SecAgg"):
+        fitres_adapter(msg, context, lambda m, c: pytest.fail("train must not run"))
+
+
+def test_a_stale_message_of_an_older_round_is_refused_before_it_resets_the_protocol():
+    from clients.secure_app import stale_round_guard
+
+    msg, context = _collect_stage_message(3)  # group id "1": round 1
+    msg.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.STAGE: "setup"})
+    context.state.config_records["secure-latest-round"] = ConfigRecord({"round": 2})
+    with pytest.raises(RuntimeError, match="stale"):
+        stale_round_guard(msg, context, lambda m, c: pytest.fail("secaggplus_mod must not see it"))
+    context.state.config_records["secure-latest-round"] = ConfigRecord({"round": 1})
+    assert stale_round_guard(msg, context, lambda m, c: "passed") == "passed"
