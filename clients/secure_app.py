@@ -40,6 +40,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from clients.guard import OutboundViolation, check_reply
 from fl import protocol as P
 from fl.privacy.secagg import SECURE_NAMES
+from fl.privacy import masks
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ MAX_OPAQUE_BYTES = 2048
 # what secaggplus_mod itself puts in its replies, per stage
 _SECAGG_REPLY_KEYS = {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST,
                       Key.MASKED_PARAMETERS, Key.NODE_ID_LIST, Key.SHARE_LIST}
+
+masks.install()
 
 
 def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -152,7 +155,17 @@ def stale_round_guard(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
+def strong_masks(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Make sure this process masks with ChaCha20 (``fl/privacy/masks.py``) before SecAgg+ runs.
+
+    Module import already installs it; doing it again here covers processes (Ray workers) that
+    received the app by pickling, where import order is not ours to choose.
+    """
+    masks.install()
+    return call_next(msg, context)
+
+
 def secure_train_mods(shapes: Mapping[str, tuple[int, ...]]) -> list[Mod]:
     """Function-level mods for ``@app.train`` under secure aggregation, outermost first."""
-    return [secure_outbound_guard(shapes), stale_round_guard, secaggplus_mod, fitres_adapter]
+    return [secure_outbound_guard(shapes), stale_round_guard, strong_masks, secaggplus_mod, fitres_adapter]
 

@@ -24,14 +24,9 @@ Trust and threat model (what "the server learns only the sum" rests on):
     noise cohort <= ``min_contributors``: then the decodable sum carries noise of std >= z*C.
     Colluding devices that reveal their own noise reduce that: against k colluders the guarantee
     needs noise cohort <= min_contributors - k.
-  * Flower 1.42 derives every mask from a 32-bit seed (``pseudo_rand_gen`` XOR-folds the 256-bit
-    shared key into ``numpy.random.RandomState(seed32)``, a Mersenne Twister). After unmasking the
-    server knows every contributor's private mask, so one contributor's update is hidden only by
-    its pairwise masks: with one (two devices) it falls to a 2**32 search; we require
-    ``min_contributors >= 3`` (every vector then carries >= 2 pairwise masks), but a
-    meet-in-the-middle search over 2 x 2**32 seeds may well be practical. The masking is therefore
-    much weaker than the key agreement suggests: not a cryptographic guarantee until the masks are
-    expanded from the full key with a CSPRNG.
+  * Flower 1.42 derives every mask from a 32-bit seed (``pseudo_rand_gen``); this module and
+    ``clients/secure_app.py`` replace that generator on import with ChaCha20 keyed by the whole
+    seed (``fl/privacy/masks.py``), so masks are as hard to find as the key agreement is to break.
   * Quantisation and range clipping happen on the device before summation (``fl/privacy/secagg.py``):
     the decoded sum is sum_i Q(clip_R(update_i)), within ``m * 2R / Q`` per coordinate of the true
     sum for m contributors; R must be chosen so no coordinate is range-clipped
@@ -63,8 +58,11 @@ from torch import Tensor
 
 from fl import protocol as P
 from fl.privacy.secagg import MODULUS_RANGE, SECURE_NAMES, quantization_range_for
+from fl.privacy import masks
 
 log = logging.getLogger(__name__)
+
+masks.install()
 
 
 @dataclass

@@ -225,3 +225,22 @@ def test_a_stale_message_of_an_older_round_is_refused_before_it_resets_the_proto
         stale_round_guard(msg, context, lambda m, c: pytest.fail("secaggplus_mod must not see it"))
     context.state.config_records["secure-latest-round"] = ConfigRecord({"round": 1})
     assert stale_round_guard(msg, context, lambda m, c: "passed") == "passed"
+
+
+def test_masks_are_keyed_by_the_whole_seed_and_installed_on_both_sides():
+    import importlib
+
+    import numpy as np
+
+    from fl.privacy.masks import chacha_masks
+
+    a = chacha_masks(bytes(32), 2**32, [(3, 4), ()])
+    assert a[0].shape == (3, 4) and a[1].shape == () and a[0].dtype == np.int64
+    assert np.array_equal(a[0], chacha_masks(bytes(32), 2**32, [(3, 4), ()])[0])
+    # two seeds that Flower's XOR-fold maps to the same 32-bit seed give unrelated masks here
+    folded_twin = bytes([1, 0, 0, 0, 1, 0, 0, 0]) + bytes(24)
+    assert not np.array_equal(a[0], chacha_masks(folded_twin, 2**32, [(3, 4), ()])[0])
+    assert int(a[0].max()) <= 2**32 - 2 and int(a[0].min()) >= 0
+    for name in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                 "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        assert importlib.import_module(name).pseudo_rand_gen is chacha_masks
