@@ -81,7 +81,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     table = Table(title=f"unheard: {summary['config']['name']} ({summary['rounds']} rounds)")
     for col in ("model", "held-out WER", "held-out CER", "device WER", "device CER"):
         table.add_column(col)
-    for label, key in (("seed (public only)", "seed_model"), ("after federated DP fine-tuning", "final")):
+    final_label = f"after federated fine-tuning (privacy={summary['config']['privacy']['name']})"
+    for label, key in (("seed (public only)", "seed_model"), (final_label, "final")):
         s = summary[key]
         table.add_row(label, pct(s["wer"]), pct(s["cer"]), pct(s["device_wer"]), pct(s["device_cer"]))
     console = Console()
@@ -95,6 +96,20 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         )
     else:
         console.print("sample-level DP: off (no formal guarantee for utterances)")
+    user = summary["privacy"]["user"]
+    if user:
+        console.print(
+            f"user-level DP: epsilon = {user['epsilon']:.2f} at delta = {user['delta']:g} over {user['rounds']} rounds "
+            f"(z = {user['noise_multiplier']:.3g}, {user['noise']} noise, C = {user['clipping_norm']:.3g} "
+            f"{user['clipping']}, q = {user['sampling_rate']:.3f} {user['sampling']} sampling"
+            f"{', amplification NOT claimed' if not user['amplification'] else ''}"
+            f"{', EXTRAPOLATED to a population of ' + str(user['population']) if user['extrapolated'] else ''}, "
+            f"{user['accountant']})"
+        )
+    else:
+        console.print("user-level DP: off (no formal guarantee for devices)")
+    if summary.get("stopped_early"):
+        console.print(f"stopped early by the privacy budget: {summary['stopped_early']}")
     console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -51,6 +52,11 @@ def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
     acc = RDPAccountant()
     acc.history = [(sample["noise_multiplier"], sample["sample_rate"], sample["max_steps"])]
     assert acc.get_epsilon(sample["delta"]) == pytest.approx(sample["epsilon"], rel=1e-9)
+    # and independently, with Google's dp-accounting
+    independent = dp_accounting.rdp.RdpAccountant([1 + x / 10 for x in range(1, 100)] + list(range(12, 256)))
+    independent.compose(dp_accounting.PoissonSampledDpEvent(
+        sample["sample_rate"], dp_accounting.GaussianDpEvent(sample["noise_multiplier"])), sample["max_steps"])
+    assert independent.get_epsilon(sample["delta"]) == pytest.approx(sample["epsilon"], rel=0.05)
     assert sample["max_steps"] == 2 * 2  # two rounds of two local steps each, every device trains every round
     assert summary["privacy"]["user"] is None
 
