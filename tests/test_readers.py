@@ -18,7 +18,8 @@ from fl.data.readers import (
     read_manifest,
 )
 
-SHARED = Path("/work/shared/data")
+# the read-only real data sits beside the checkout (../shared/data), on developer machines and in CI
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_tone(path: Path, sr: int = 8000, seconds: float = 0.25, fmt: str | None = None) -> Path:
