@@ -19,7 +19,6 @@ from fl.privacy.accounting import sample_level_noise_multiplier
 from fl.privacy.sample import SampleAccount
 
 
-
 def _read(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 

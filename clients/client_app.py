@@ -32,6 +32,7 @@ from fl.privacy.sample import dp_sgd_round, sample_rate
 from fl.privacy.update import model_delta, privatize_update
 from fl.train import evaluate, freeze_except, plain_round
 
+
 class DeviceStore(Protocol):
     """Where a device's recordings and its privacy ledger live (simulated or real)."""
 

@@ -39,8 +39,8 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from clients.guard import OutboundViolation, check_reply
 from fl import protocol as P
-from fl.privacy.secagg import SECURE_NAMES
 from fl.privacy import masks
+from fl.privacy.secagg import SECURE_NAMES
 
 log = logging.getLogger(__name__)
 

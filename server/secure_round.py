@@ -57,8 +57,8 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from fl import protocol as P
-from fl.privacy.secagg import MODULUS_RANGE, SECURE_NAMES, quantization_range_for
 from fl.privacy import masks
+from fl.privacy.secagg import MODULUS_RANGE, SECURE_NAMES, quantization_range_for
 
 log = logging.getLogger(__name__)
 

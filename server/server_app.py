@@ -81,8 +81,10 @@ class RoundOutcome:
     losses: list[float] = field(default_factory=list)
 
 
-def _plain_round(grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger,
-                 cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any]) -> tuple[ArrayRecord, RoundOutcome]:
+def _plain_round(
+    grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger,
+    cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
+) -> tuple[ArrayRecord, RoundOutcome]:
     """Devices reply with their updates in clear; FedAvg them, or average them privately (user-level)."""
     replies = rounds.train(grid, cohort, arrays, r, s.round_timeout, extra)
     ledger.update(replies)
@@ -100,8 +102,10 @@ def _plain_round(grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], led
                                 replies.metric(P.TRAIN_LOSS))
 
 
-def _secure_round(grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger,
-                  cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any]) -> tuple[ArrayRecord, RoundOutcome]:
+def _secure_round(
+    grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger,
+    cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
+) -> tuple[ArrayRecord, RoundOutcome]:
     """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is averaged."""
     reference = arrays.to_torch_state_dict()
     numel = sum(v.numel() for v in reference.values() if v.is_floating_point())

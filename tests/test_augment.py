@@ -1,8 +1,8 @@
 import torch
 
 from fl.augment import spec_augment
-from tests.conftest import fake_examples
 from fl.data.features import collate
+from tests.conftest import fake_examples
 
 
 def test_spec_augment_masks_bands_inside_each_utterance_only():

@@ -4,9 +4,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
+from fl.config import ModelConfig
 from fl.data.features import collate
 from fl.model.conformer import ConformerCTC, count_parameters
-from fl.config import ModelConfig
 from fl.train import ctc_losses
 from tests.conftest import TINY
 

@@ -1,6 +1,5 @@
 """User-level DP-FedAvg: device-side clipping/noise, server-side averaging/noise, accounting."""
 
-import math
 import random
 
 import dp_accounting
@@ -68,7 +67,8 @@ def test_reported_user_epsilon_is_recomputable_with_dp_accounting():
         dp.aggregate([], REF, [])
     block = dp.block()
     acc = dp_accounting.rdp.RdpAccountant([1 + x / 8 for x in range(1, 200)] + list(range(26, 256)))
-    event = dp_accounting.PoissonSampledDpEvent(block["sampling_rate"], dp_accounting.GaussianDpEvent(block["noise_multiplier"]))
+    gaussian = dp_accounting.GaussianDpEvent(block["noise_multiplier"])
+    event = dp_accounting.PoissonSampledDpEvent(block["sampling_rate"], gaussian)
     acc.compose(event, block["rounds"])
     rdp_eps = acc.get_epsilon(block["delta"])
     assert block["rounds"] == 7 and block["sampling_rate"] == pytest.approx(0.1)

@@ -7,8 +7,8 @@ privacy loss of everything released over the rounds, with respect to one device'
 
 * ``poisson``: every device joins each round's cohort independently with probability
   q = expected cohort / population, and who was sampled is not released (a trusted server may
-  know it). Adjacency: add or remove one device. Each round is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (amplification by
-  sampling), composed over the rounds.
+  know it). Adjacency: add or remove one device. Each round is
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (amplification by sampling), composed over the rounds.
 * ``fixed``: cohorts of a fixed size (without replacement, round robin, availability-driven...).
   No amplification is claimed: for sampling without replacement it is only proven for replace-one
   adjacency (sensitivity 2C), and availability-driven selection is not random at all. So a device

@@ -29,7 +29,6 @@ from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.data.features import Example, collate
 from fl.train import ctc_losses
 
-
 History = list[tuple[float, float, int]]
 
 
