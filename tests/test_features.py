@@ -1,0 +1,63 @@
+"""Log-mel features, the feature cache, skipping of bad items, and batch padding."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fl.config import Config, PrivacyConfig, UserPrivacyConfig, validate
+from fl.data.features import LogMel, collate, featurize
+from fl.data.records import Utterance
+
+
+def _wav(path, seconds=0.5, sr=16000, freq=440.0):
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32), sr)
+    return str(path)
+
+
+def test_log_mel_is_per_utterance_normalised_at_10_ms_frames():
+    feats = LogMel(32)(np.random.default_rng(0).normal(size=16000).astype(np.float32))
+    assert feats.shape == (101, 32)
+    assert torch.allclose(feats.mean(0), torch.zeros(32), atol=1e-4)
+
+
+def test_featurize_skips_bad_items_with_a_reason_and_caches(tmp_path, tokenizer):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really")
+    utts = [
+        Utterance("a", _wav(tmp_path / "a.wav"), "turn on the lights", "s1"),
+        Utterance("b", str(bad), "call mom", "s1"),
+        Utterance("c", _wav(tmp_path / "c.wav"), "caf\u00e9 ol\u00e9", "s2"),
+        Utterance("d", str(tmp_path / "missing.wav"), "play jazz", "s2"),
+    ]
+    out = featurize(utts, tokenizer, 32, tmp_path / "cache")
+    assert [e.id for e in out.examples] == ["a"]
+    assert {p.utterance_id for p in out.problems} == {"b", "c", "d"}
+    assert out.examples[0].feats.dtype == torch.float16
+    assert tokenizer.decode(out.examples[0].tokens.tolist()) == "turn on the lights"
+    (tmp_path / "a.wav").unlink()  # a second call must come from the cache, not the audio
+    again = featurize(utts, tokenizer, 32, tmp_path / "cache")
+    assert [e.id for e in again.examples] == ["a"] and torch.equal(again.examples[0].feats, out.examples[0].feats)
+
+
+def test_collate_pads_with_zeros_and_keeps_lengths(examples):
+    batch = collate(examples[:3], 16)
+    lens = [e.feats.shape[0] for e in examples[:3]]
+    assert batch.feats.shape == (3, max(lens), 16) and batch.feat_lens.tolist() == lens
+    for i, n in enumerate(lens):
+        assert not batch.feats[i, n:].any()
+        assert batch.targets[i, : batch.target_lens[i]].tolist() == examples[i].tokens.tolist()
+    assert collate([], 16).feats.shape[0] == 0
+
+
+def test_validate_rejects_inconsistent_configs():
+    validate(Config(privacy=PrivacyConfig(name="none")))
+    with pytest.raises(ValueError, match="privacy.name=user"):
+        validate(Config(privacy=PrivacyConfig(name="user")))
+    with pytest.raises(ValueError, match="noise"):
+        validate(Config(privacy=PrivacyConfig(name="user", user=UserPrivacyConfig(noise="everywhere"))))
+    cfg = Config()
+    cfg.federation.sampling = "round-robin"
+    with pytest.raises(ValueError, match="federation.sampling"):
+        validate(cfg)
