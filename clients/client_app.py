@@ -28,7 +28,7 @@ from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacy
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
-from fl.privacy.sample import dp_sgd_round, sample_rate
+from fl.privacy.sample import SampleAccount, dp_sgd_round, sample_rate
 from fl.privacy.update import model_delta, privatize_update
 from fl.train import evaluate, freeze_except, plain_round
 
@@ -64,8 +64,7 @@ def _model(settings: DeviceSettings, msg: Message, tokenizer: CharTokenizer) -> 
     return model
 
 
-def _privacy_metrics(ledger: Path, cfg: SamplePrivacyConfig) -> dict[str, float]:
-    account = budget.load_account(ledger, cfg.accountant)
+def _privacy_metrics(account: SampleAccount, cfg: SamplePrivacyConfig) -> dict[str, float]:
     if not account.history:
         return {}
     z, q, _ = account.history[-1]
@@ -91,12 +90,12 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
         sigma = budget.noise_multiplier(ledger, dp, rate, settings.train.local_steps,
                                         int(config[P.PLANNED_ROUNDS]), float(config[P.PARTICIPATION]))
         if budget.would_exceed(account, dp, sigma, rate, settings.train.local_steps):
-            reply = {P.DECLINED: 1, **_privacy_metrics(ledger, dp)}
+            reply = {P.DECLINED: 1, **_privacy_metrics(account, dp)}
             return Message(content=RecordDict({P.METRICS: MetricRecord(reply)}), reply_to=msg)
         stats = dp_sgd_round(model, device.train, settings.train, dp, account, tokenizer.blank,
                              settings.model.n_mels, seed, noise_multiplier=sigma)
         budget.save_account(ledger, account, sigma)
-        metrics |= {P.EMPTY_STEPS: stats.empty_steps, **_privacy_metrics(ledger, dp)}
+        metrics |= {P.EMPTY_STEPS: stats.empty_steps, **_privacy_metrics(account, dp)}
     else:
         loss = plain_round(model, device.train, settings.train, tokenizer.blank, settings.model.n_mels, seed)
         if settings.user is None:  # a training loss is not covered by any DP guarantee: only without DP
@@ -152,7 +151,8 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
             P.CHARS: sum(len(e.text) for e in device.test),
         }
         if settings.sample is not None:
-            metrics |= _privacy_metrics(store.ledger(context), settings.sample)
+            metrics |= _privacy_metrics(budget.load_account(store.ledger(context), settings.sample.accountant),
+                                        settings.sample)
         return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app
