@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test smoke bench clean-cache
+.PHONY: install demo test smoke bench curves curves-quick clean-cache
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 smoke: $(STAMP)
 	$(VENV)/bin/unheard-simulate experiment=smoke
+
+# Accuracy/privacy curves on speechocean762 (experiments/README.md); CURVES_OUT picks the folder.
+curves: $(STAMP)
+	experiments/curves.sh curves $(or $(CURVES_OUT),multirun/curves/$(shell date +%Y-%m-%d_%H-%M-%S))
+
+curves-quick: $(STAMP)
+	experiments/curves.sh curves_quick $(or $(CURVES_OUT),multirun/curves_quick/$(shell date +%Y-%m-%d_%H-%M-%S))
 
 bench: $(STAMP)
 	$(VENV)/bin/unheard-bench --out bench.json

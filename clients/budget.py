@@ -18,6 +18,9 @@ from fl.config import SamplePrivacyConfig
 from fl.privacy.accounting import sample_level_noise_multiplier
 from fl.privacy.sample import SampleAccount
 
+LEDGER = "ledger.json"
+"""The ledger's file name in a device's state folder."""
+
 
 def _read(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from clients import budget
 from clients.guard import outbound_guard
+from clients.history import append_round
 from clients.secure_app import secure_train_mods
 from fl import protocol as P
 from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
@@ -34,11 +35,11 @@ from fl.train import evaluate, freeze_except, plain_round
 
 
 class DeviceStore(Protocol):
-    """Where a device's recordings and its privacy ledger live (simulated or real)."""
+    """Where a device's recordings and its state folder (privacy ledger, round history) live."""
 
     def data(self, context: Context) -> DeviceData: ...
 
-    def ledger(self, context: Context) -> Path: ...
+    def state(self, context: Context) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _privacy_metrics(account: SampleAccount, cfg: SamplePrivacyConfig) -> dict[s
             P.NOISE_MULTIPLIER: z, P.MAX_GRAD_NORM: cfg.max_grad_norm}
 
 
-def _train(settings: DeviceSettings, msg: Message, context: Context, device: DeviceData, ledger: Path,
+def _train(settings: DeviceSettings, msg: Message, context: Context, device: DeviceData, state: Path,
            tokenizer: CharTokenizer) -> Message:
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])
@@ -84,6 +85,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
     # under user-level DP the average is unweighted: the example count is not needed, so not sent
     metrics: dict[str, float | int] = {} if settings.user else {P.NUM_EXAMPLES: len(device.train)}
     dp = settings.sample
+    ledger = state / budget.LEDGER
     if dp is not None:
         account = budget.load_account(ledger, dp.accountant)
         rate = sample_rate(len(device.train), settings.train.batch_size)
@@ -100,6 +102,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
         loss = plain_round(model, device.train, settings.train, tokenizer.blank, settings.model.n_mels, seed)
         if settings.user is None:  # a training loss is not covered by any DP guarantee: only without DP
             metrics[P.TRAIN_LOSS] = loss
+    append_round(state, server_round, settings.train.local_steps, len(device.train))
     update = model_delta(model.state_dict(), base)
     if settings.user is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -135,7 +138,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     def train(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         torch.set_num_threads(settings.threads)
-        reply = _train(settings, msg, context, store.data(context), store.ledger(context), tokenizer)
+        reply = _train(settings, msg, context, store.data(context), store.state(context), tokenizer)
         if reply.has_content() and P.METRICS in reply.content:
             reply.content[P.METRICS][P.SECONDS] = time.perf_counter() - started
         return reply
@@ -151,7 +154,8 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
             P.CHARS: sum(len(e.text) for e in device.test),
         }
         if settings.sample is not None:
-            metrics |= _privacy_metrics(budget.load_account(store.ledger(context), settings.sample.accountant),
+            metrics |= _privacy_metrics(budget.load_account(store.state(context) / budget.LEDGER,
+                                                             settings.sample.accountant),
                                         settings.sample)
         return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

@@ -1,4 +1,4 @@
-"""Simulated devices: the fleet file of this node's ``partition-id`` and a ledger file beside it."""
+"""Simulated devices: the fleet file of this node's ``partition-id`` and a state folder beside it."""
 
 from __future__ import annotations
 
@@ -17,5 +17,10 @@ class SimulatedDevices:
     def data(self, context: Context) -> DeviceData:
         return load_device(self.root, int(context.node_config["partition-id"]))
 
-    def ledger(self, context: Context) -> Path:
-        return Path(self.root) / "ledgers" / f"device-{int(context.node_config['partition-id']):05d}.json"
+    def state(self, context: Context) -> Path:
+        return state_dir(self.root, int(context.node_config["partition-id"]))
+
+
+def state_dir(root: str, partition_id: int) -> Path:
+    """The state folder (ledger, round history) of simulated device ``partition_id``."""
+    return Path(root) / "state" / f"device-{partition_id:05d}"

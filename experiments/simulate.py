@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -20,12 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.client_app import DeviceSettings, make_client_app
-from clients.simulated import SimulatedDevices
+from clients.history import rounds_trained
+from clients.simulated import SimulatedDevices, state_dir
+from experiments.inputs import build_inputs, run_audit
 from fl.config import Config, register_configs, validate
 from fl.data.fleet import write_fleet
-from fl.data.prepare import prepare_data
-from fl.data.text import CharTokenizer
-from fl.pretrain import pretrain_seed
+from fl.data.prepare import DataNotFound, check_paths
 from server.results import SUMMARY
 from server.server_app import ServerSettings, make_server_app
 
@@ -35,34 +35,29 @@ register_configs()
 
 
 def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
-    """Run one simulation; returns the summary it wrote to ``out_dir``."""
+    """Run one simulation (and the leakage audit, if configured); returns the summary it wrote."""
     from flwr.simulation import run_simulation
 
-    torch.manual_seed(cfg.seed)
-    tokenizer = CharTokenizer()
-    data = prepare_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
-    seed = pretrain_seed(cfg.model, cfg.pretrain, data.public_train, data.public_dev, tokenizer,
-                         Path(cfg.data.cache_dir) / "models", cfg.seed)
+    inputs = build_inputs(cfg, out_dir)
     fleet = out_dir / "fleet"
-    write_fleet(data.devices, fleet)
-    torch.save(data.held_out, fleet / "held_out.pt")
-    (out_dir / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in data.problems))
+    ids = write_fleet(inputs.devices, fleet)
+    torch.save(inputs.data.held_out, fleet / "held_out.pt")
 
     sample, fed = cfg.privacy.sample, cfg.federation
     device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client,
                             fed.drop_after_training)
     server = ServerSettings(
         out_dir=str(out_dir), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
-        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=str(seed.path),
+        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=str(inputs.seed.path),
         eval_examples=str(fleet / "held_out.pt"), config=resolved, sampling=fed.sampling,
         sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
-        user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon,
+        user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
     )
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     run_simulation(
         server_app=make_server_app(server),
         client_app=make_client_app(device, SimulatedDevices(str(fleet)), audit),
-        num_supernodes=len(data.devices),
+        num_supernodes=len(ids),
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
             "init_args": {"include_dashboard": False},
@@ -71,7 +66,28 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     summary_path = out_dir / SUMMARY
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    trained = {device_id for pid, device_id in enumerate(ids) if rounds_trained(state_dir(str(fleet), pid))}
+    final = torch.load(out_dir / "checkpoints" / f"round-{summary['rounds']:03d}.pt", weights_only=False)
+    summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir)
+    return summary
+
+
+def print_audit(console: Console, audit: dict | None) -> None:
+    """One line per leakage audit that ran (see ``fl/audit``)."""
+    if not audit:
+        return
+    mia = audit.get("membership")
+    if mia and mia.get("members"):
+        parts = [f"{label}: AUC {r['auc']:.3f}, TPR@1%FPR {r['tpr_at_1pct_fpr']:.3f}"
+                 for label, r in (("same speakers", mia["same_speakers"]), ("other speakers", mia["other_speakers"]))
+                 if r]
+        console.print(f"membership inference ({mia['members']} member utterances): " + "; ".join(parts))
+    can = audit.get("canaries")
+    if can:
+        mean = "-" if can["mean_exposure"] is None else f"{can['mean_exposure']:.2f}"
+        console.print(f"canaries: {can['trained']}/{can['planted']} on devices that trained, mean exposure {mean} "
+                      f"bits of {math.log2(can['references'] + 1):.2f} (chance ~1.44)")
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -108,6 +124,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         )
     else:
         console.print("user-level DP: off (no formal guarantee for devices)")
+    print_audit(console, summary.get("audit"))
     if summary.get("stopped_early"):
         console.print(f"stopped early by the privacy budget: {summary['stopped_early']}")
     console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json")
@@ -118,7 +135,8 @@ def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
         validate(cfg)
-    except ValueError as err:
+        check_paths(cfg.data)
+    except (ValueError, DataNotFound) as err:
         log.error("invalid config: %s", err)
         sys.exit(2)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

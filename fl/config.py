@@ -18,10 +18,21 @@ class DataConfig:
 
     ``corpus`` is ``embedded`` (synthetic eSpeak NG speech, generated on first use) or a reader
     kind (``kaldi``, ``fsdd``, ``librispeech``, ``manifest``) with ``path``.
+
+    Evaluation speakers are either ``eval_speakers`` drawn from that pool (and given to no device)
+    or, with ``eval_path``, a separate corpus of the same kind (e.g. speechocean762's ``dev/``);
+    ``eval_utterances`` caps the evaluation set (0 = all), ``max_speakers`` the device speakers
+    (0 = all). ``public_corpus``/``public_path`` add real data declared public to the seed's
+    pretraining (e.g. FSDD); the private pool is never used for pretraining.
     """
 
     corpus: str = "embedded"
     path: Optional[str] = None
+    eval_path: Optional[str] = None
+    eval_utterances: int = 0
+    max_speakers: int = 0
+    public_corpus: Optional[str] = None
+    public_path: Optional[str] = None
     public_speakers: int = 24
     public_utterances: int = 60
     private_speakers: int = 12
@@ -157,6 +168,36 @@ class FederationConfig:
     num_cpus_per_client: float = 1.0
     threads_per_client: int = 1
     round_timeout: float = 3600.0
+    device_eval_every: int = 1
+
+
+@dataclass
+class AuditConfig:
+    """The empirical leakage audit run on the final model (experimenter's view, not the server's).
+
+    ``membership``: a loss-threshold membership-inference attack, devices' training utterances
+    against unseen ones (``max_utterances`` per population, 0 = all). ``canaries``: that many
+    synthetic phrases planted ``canary_repeats`` times each in distinct devices' training data and
+    ranked by loss among ``canary_references`` never-planted phrases of the same kind (exposure).
+    """
+
+    membership: bool = False
+    max_utterances: int = 400
+    canaries: int = 0
+    canary_repeats: int = 4
+    canary_references: int = 63
+    canary_words: int = 4
+
+
+@dataclass
+class CentralConfig:
+    """The centralised, non-private fine-tune (``unheard-central``): the accuracy upper bound.
+
+    ``steps`` (null = the federated run's compute: rounds x clients_per_round x local_steps) AdamW
+    steps of ``train.batch_size`` at ``train.lr`` on the union of all devices' training utterances.
+    """
+
+    steps: Optional[int] = None
 
 
 @dataclass
@@ -171,6 +212,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    central: CentralConfig = field(default_factory=CentralConfig)
 
 
 def register_configs() -> None:
@@ -208,3 +251,11 @@ def validate(cfg: Config) -> None:
         raise ValueError("federation.clients_per_round must be >= 1 and federation.rounds >= 0")
     if not 0.0 <= cfg.federation.drop_after_training <= 1.0:
         raise ValueError("federation.drop_after_training is a probability in [0, 1]")
+    if cfg.data.eval_path and cfg.data.eval_speakers:
+        raise ValueError("data.eval_path gives the evaluation speakers: set data.eval_speakers=0 with it")
+    if cfg.data.eval_path and cfg.data.corpus == "embedded":
+        raise ValueError("data.eval_path needs a reader corpus (kaldi, fsdd, librispeech, manifest), not embedded")
+    if bool(cfg.data.public_corpus) != bool(cfg.data.public_path):
+        raise ValueError("data.public_corpus and data.public_path go together")
+    if cfg.audit.canaries and cfg.audit.canary_references < 1:
+        raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

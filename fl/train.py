@@ -6,7 +6,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,27 @@ class EvalResult:
     utterances: int
 
 
+def _scored_batches(
+    model: nn.Module, examples: Sequence[Example], blank: int, n_mels: int, batch_size: int
+) -> Iterator[tuple[list[Example], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Length-sorted batches in eval mode: ``(examples, log_probs, out_lens, per-example loss)``."""
+    was_training = model.training
+    model.eval()
+    ordered = sorted(examples, key=lambda e: e.feats.shape[0])
+    try:
+        for i in range(0, len(ordered), batch_size):
+            chunk = ordered[i : i + batch_size]
+            batch = collate(chunk, n_mels)
+            log_probs, out_lens = model(batch.feats, batch.feat_lens)
+            loss = F.ctc_loss(
+                log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
+                blank=blank, reduction="none", zero_infinity=True,
+            ) / batch.target_lens.clamp_min(1)
+            yield chunk, log_probs, out_lens, loss
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, examples: Sequence[Example], tokenizer: CharTokenizer, n_mels: int, batch_size: int = 32
@@ -100,21 +121,21 @@ def evaluate(
     """Mean CTC loss and corpus WER/CER of greedy decoding over ``examples``."""
     if not examples:
         raise ValueError("cannot evaluate on an empty set")
-    was_training = model.training
-    model.eval()
-    ordered = sorted(examples, key=lambda e: e.feats.shape[0])
     refs, hyps, loss_sum = [], [], 0.0
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i : i + batch_size]
-        batch = collate(chunk, n_mels)
-        log_probs, out_lens = model(batch.feats, batch.feat_lens)
-        loss = F.ctc_loss(
-            log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
-            blank=tokenizer.blank, reduction="none", zero_infinity=True,
-        ) / batch.target_lens.clamp_min(1)
+    for chunk, log_probs, out_lens, loss in _scored_batches(model, examples, tokenizer.blank, n_mels, batch_size):
         loss_sum += float(loss.sum())
         hyps += greedy_decode(log_probs, out_lens, tokenizer)
         refs += [e.text for e in chunk]
-    model.train(was_training)
     wer, cer = error_rates(refs, hyps)
-    return EvalResult(loss_sum / len(ordered), wer, cer, len(ordered))
+    return EvalResult(loss_sum / len(examples), wer, cer, len(examples))
+
+
+@torch.no_grad()
+def utterance_losses(
+    model: nn.Module, examples: Sequence[Example], blank: int, n_mels: int, batch_size: int = 32
+) -> dict[str, float]:
+    """Each example's CTC loss per transcript character under ``model``, by example id."""
+    out: dict[str, float] = {}
+    for chunk, _, _, loss in _scored_batches(model, examples, blank, n_mels, batch_size):
+        out.update((e.id, float(v)) for e, v in zip(chunk, loss))
+    return out

@@ -67,11 +67,16 @@ class ResultsWriter:
             f.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
-        path = self.out_dir / SUMMARY
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=_clean))
-        tmp.replace(path)
-        return path
+        return write_summary(self.out_dir, summary)
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``summary.json`` atomically."""
+    path = Path(out_dir) / SUMMARY
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=_clean))
+    tmp.replace(path)
+    return path
 
 
 def read_results(out_dir: Path) -> list[dict[str, Any]]:

@@ -216,7 +216,7 @@ def resample_to_16k(audio: np.ndarray) -> np.ndarray:
     return (np.fft.irfft(spectrum, n=m) * (m / n)).astype(np.float32)
 
 
-def _render(text: str, speaker: SpeakerProfile, rng: np.random.Generator) -> np.ndarray:
+def render(text: str, speaker: SpeakerProfile, rng: np.random.Generator) -> np.ndarray:
     """Synthesize, trim, resample to 16 kHz, normalise, pad with silence, record under the condition."""
     seed = int(rng.integers(0, 2**31))
     audio = synthesize(text, speaker.voice, speaker.pitch, speaker.rate, speaker.pitch_range, seed=seed)
@@ -243,7 +243,7 @@ def _build_speaker(job: tuple[SpeakerProfile, int, int, Path, Path]) -> list[Utt
     for i, text in enumerate(texts):
         uid = f"{speaker.id}-{i:04d}"
         rng = np.random.default_rng(_derive_seed("unheard-audio", seed, speaker.id, i))
-        audio = _render(text, speaker, rng)
+        audio = render(text, speaker, rng)
         rel = Path("wav") / speaker.id / f"{uid}.wav"
         sf.write(work / rel, audio, SAMPLE_RATE, subtype="PCM_16")
         out.append(Utterance(uid, str(final / rel), text, speaker.id, len(audio) / SAMPLE_RATE))

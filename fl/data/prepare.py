@@ -1,9 +1,11 @@
 """From a ``DataConfig`` to the three disjoint sets a run needs.
 
-* public: synthetic eSpeak NG speakers, declared public -> central pretraining of the seed model;
+* public: synthetic eSpeak NG speakers (plus any real corpus declared public with
+  ``data.public_corpus``) -> central pretraining of the seed model;
 * devices: private speakers, one simulated device each (or IID/Dirichlet shards), each with its
   own train and local test split;
-* held-out: private-population speakers that no device holds -> server-side evaluation.
+* held-out: speakers that no device holds (``eval_speakers`` drawn from the private pool, or the
+  separate ``eval_path`` corpus) -> server-side evaluation.
 Public speakers never appear in the other two sets, and held-out speakers are on no device.
 """
 
@@ -36,17 +38,68 @@ class PreparedData:
     problems: list[Problem]
 
 
+class DataNotFound(FileNotFoundError):
+    """A configured corpus path does not exist (the message says which key to set)."""
+
+
+def check_paths(cfg: DataConfig) -> None:
+    """Fail early, naming the config key, when a configured corpus is not on this machine."""
+    if cfg.corpus != "embedded" and not cfg.path:
+        raise DataNotFound(f"data.corpus={cfg.corpus} needs data.path (the corpus folder or manifest)")
+    for key, value in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path),
+                       ("data.public_path", cfg.public_path)):
+        if value and not Path(value).exists():
+            raise DataNotFound(
+                f"{key}={value} does not exist. The presets look for the corpora in ../shared/data beside the "
+                f"checkout (override with UNHEARD_DATA=/path/to/data or {key}=...); see conf/data/README.md"
+            )
+
+
 def _private_pool(cfg: DataConfig, embedded_private: list[Utterance]) -> tuple[list[Utterance], list[Problem]]:
     if cfg.corpus == "embedded":
         return embedded_private, []
-    if not cfg.path:
-        raise ValueError(f"data.corpus={cfg.corpus} needs data.path (the corpus folder or manifest)")
-    result = read_corpus(cfg.corpus, cfg.path)
+    result = read_corpus(cfg.corpus, str(cfg.path))
     return result.utterances, result.problems
+
+
+def _cap_speakers(pool: list[Utterance], limit: int, rng: random.Random) -> list[Utterance]:
+    if not limit:
+        return pool
+    speakers = sorted(group_by_speaker(pool))
+    keep = set(rng.sample(speakers, min(limit, len(speakers))))
+    return [u for u in pool if u.speaker in keep]
+
+
+def _cap_examples(examples: list[Example], limit: int, rng: random.Random) -> list[Example]:
+    """At most ``limit`` examples (0 = all), drawn evenly over speakers, in a stable order."""
+    if not limit or len(examples) <= limit:
+        return examples
+    by_speaker: dict[str, list[Example]] = {}
+    for e in examples:
+        by_speaker.setdefault(e.speaker, []).append(e)
+    queues = [rng.sample(v, len(v)) for _, v in sorted(by_speaker.items())]
+    picked: list[Example] = []
+    while len(picked) < limit:
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop())
+    return sorted(picked, key=lambda e: e.id)
 
 
 def _by_id(examples: Sequence[Example]) -> dict[str, Example]:
     return {e.id: e for e in examples}
+
+
+def _eval_corpus(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, feats_dir: Path,
+                 device_speakers: set[str]) -> tuple[list[Example], list[Problem]]:
+    """The separate evaluation corpus; it must share no speaker with the devices."""
+    result = read_corpus(cfg.corpus, str(cfg.eval_path))
+    shared = device_speakers & set(group_by_speaker(result.utterances))
+    if shared:
+        raise ValueError(f"data.eval_path shares {len(shared)} speakers with the devices (e.g. {sorted(shared)[0]}): "
+                         "evaluation speakers must never be trained on")
+    feats = featurize(result.utterances, tokenizer, n_mels, feats_dir, cfg.max_seconds)
+    return feats.examples, result.problems + feats.problems
 
 
 def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> PreparedData:
@@ -56,13 +109,20 @@ def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: i
         public_utterances=cfg.public_utterances, private_utterances=cfg.private_utterances,
         seed=seed, shift=cfg.shift,
     )
+    check_paths(cfg)
     pool, problems = _private_pool(cfg, corpus.private)
+    rng = random.Random(seed)
+    pool = _cap_speakers(pool, cfg.max_speakers, rng)
     feats_dir = cache / "features"
-    public = featurize(corpus.public, tokenizer, n_mels, feats_dir, cfg.max_seconds)
+    public_utts = list(corpus.public)
+    if cfg.public_corpus:
+        extra = read_corpus(cfg.public_corpus, str(cfg.public_path))
+        public_utts += extra.utterances
+        problems += extra.problems
+    public = featurize(public_utts, tokenizer, n_mels, feats_dir, cfg.max_seconds)
     private = featurize(pool, tokenizer, n_mels, feats_dir, cfg.max_seconds)
     problems += public.problems + private.problems
 
-    rng = random.Random(seed)
     public_ex = list(public.examples)
     rng.shuffle(public_ex)
     n_dev = max(1, len(public_ex) // 10)
@@ -76,6 +136,10 @@ def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: i
         )
     held_speakers = set(rng.sample(speakers, cfg.eval_speakers))
     held_out = [e for e in private.examples if e.speaker in held_speakers]
+    if cfg.eval_path:
+        held_out, eval_problems = _eval_corpus(cfg, tokenizer, n_mels, feats_dir, set(speakers))
+        problems += eval_problems
+    held_out = _cap_examples(held_out, cfg.eval_utterances, rng)
     device_utts = [u for u in pool if u.id in kept and u.speaker not in held_speakers]
     shards = partition(device_utts, cfg.partition, cfg.num_devices, seed, cfg.dirichlet_alpha)
     devices: dict[str, DeviceData] = {}

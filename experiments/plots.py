@@ -1,0 +1,105 @@
+"""The curve plots (matplotlib, Agg): accuracy against epsilon, and both against rounds."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from experiments.collect import CurveRow
+
+_BASELINES = {"none": "non-private FL", "central-finetune": "central non-private fine-tune (upper bound)"}
+_STYLES = {"none": ("tab:gray", "--"), "central-finetune": ("black", ":")}
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _baselines(ax: Any, rows: list[CurveRow], metric: str) -> None:
+    seed = _mean([getattr(r, "seed_" + metric) for r in rows])
+    if seed is not None:
+        ax.axhline(100 * seed, color="tab:red", linestyle="-.", linewidth=1, label="seed model (public data only)")
+    for mech, label in _BASELINES.items():
+        value = _mean([getattr(r, metric) for r in rows if r.mechanism == mech])
+        if value is not None:
+            color, style = _STYLES[mech]
+            ax.axhline(100 * value, color=color, linestyle=style, linewidth=1, label=label)
+
+
+def _private_series(ax: Any, rows: list[CurveRow], metric: str, eps_key: str) -> bool:
+    by_mech: dict[str, list[CurveRow]] = defaultdict(list)
+    for r in rows:
+        if getattr(r, eps_key) is not None and r.mechanism not in _BASELINES:
+            by_mech[r.mechanism].append(r)
+    for mech, points in sorted(by_mech.items()):
+        points.sort(key=lambda r: getattr(r, eps_key))
+        xs = [getattr(r, eps_key) for r in points]
+        ys = [100 * getattr(r, metric) for r in points]
+        (line,) = ax.plot(xs, ys, marker="o", label=mech)
+        extrap = [(x, y) for x, y, r in zip(xs, ys, points) if r.extrapolated and eps_key == "epsilon_user"]
+        if extrap:
+            ax.scatter(*zip(*extrap), s=120, facecolors="none", edgecolors=line.get_color(),
+                       label=f"{mech}: extrapolated population")
+    return bool(by_mech)
+
+
+def plot_wer_vs_epsilon(rows: list[CurveRow], path: Path) -> None:
+    """WER and CER (rows) against sample-level and user-level epsilon (columns), baselines as lines."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
+    for i, metric in enumerate(("wer", "cer")):
+        for j, (eps_key, title) in enumerate((("epsilon_sample", "utterance-level (sample) epsilon"),
+                                              ("epsilon_user", "device-level (user) epsilon"))):
+            ax = axes[i][j]
+            if _private_series(ax, rows, metric, eps_key):
+                ax.set_xscale("log")
+            _baselines(ax, rows, metric)
+            ax.set_xlabel(title)
+            ax.set_ylabel(f"{metric.upper()} on evaluation speakers (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("Accuracy vs privacy (lower is better on both axes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _round_lines(ax: Any, rows: list[CurveRow], series: dict[str, list[dict[str, Any]]], key: str,
+                 ylabel: str, scale: float = 1.0, log_y: bool = False) -> None:
+    """One line per run of ``key`` (a results.jsonl column) against the round."""
+    drawn = False
+    for r in sorted(rows, key=lambda r: r.run):
+        points = [(s["round"], s[key]) for s in series.get(r.run, []) if s.get(key) is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, [scale * y for y in ys], marker=".", label=f"{r.mechanism} ({r.run})")
+            drawn = True
+    if log_y and drawn:
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=6, ncol=2)
+
+
+def plot_all(rows: list[CurveRow], series: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    """``wer_vs_epsilon.png``, ``wer_vs_round.png`` and ``epsilon_vs_round.png`` in ``out``."""
+    plot_wer_vs_epsilon(rows, out / "wer_vs_epsilon.png")
+    fig, ax = plt.subplots(figsize=(9, 6))
+    _round_lines(ax, rows, series, "wer", "WER on evaluation speakers (%)", scale=100)
+    fig.tight_layout()
+    fig.savefig(out / "wer_vs_round.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    _round_lines(axes[0], rows, series, "epsilon_sample", "sample-level epsilon (worst device)", log_y=True)
+    _round_lines(axes[1], rows, series, "epsilon_user", "user-level epsilon", log_y=True)
+    fig.tight_layout()
+    fig.savefig(out / "epsilon_vs_round.png", dpi=110)
+    plt.close(fig)

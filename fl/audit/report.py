@@ -1,0 +1,63 @@
+"""Run the leakage audits on one final model and gather their figures into one JSON-able dict."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from typing import Mapping, Optional, Sequence
+
+from torch import nn
+
+from fl.audit.canaries import Canaries, exposure
+from fl.audit.membership import loss_attack
+from fl.data.features import Example
+from fl.data.fleet import DeviceData
+from fl.train import utterance_losses
+
+
+def _cap(examples: list[Example], limit: int, rng: random.Random) -> list[Example]:
+    return examples if not limit or len(examples) <= limit else rng.sample(examples, limit)
+
+
+def membership_audit(
+    model: nn.Module, devices: Mapping[str, DeviceData], trained: set[str], held_out: Sequence[Example],
+    blank: int, n_mels: int, limit: int, seed: int, exclude: Optional[set[str]] = None,
+) -> dict:
+    """Loss attack: training utterances of devices that trained against (a) the same devices'
+    held-back test utterances and (b) evaluation speakers' utterances; ``limit`` per population.
+
+    ``exclude``: example ids left out of the members (planted canary copies).
+    """
+    rng = random.Random(f"unheard-mia:{seed}")
+    skip = exclude or set()
+    members = _cap([e for d in trained for e in devices[d].train if e.id not in skip], limit, rng)
+    same = _cap([e for d in trained for e in devices[d].test], limit, rng)
+    other = _cap(list(held_out), limit, rng)
+    if not members:
+        return {"members": 0, "note": "no device trained: nothing to attack"}
+    losses = utterance_losses(model, members + same + other, blank, n_mels)
+
+    def attack(nonmembers: list[Example]) -> Optional[dict]:
+        if not nonmembers:
+            return None
+        return asdict(loss_attack([losses[e.id] for e in members], [losses[e.id] for e in nonmembers]))
+
+    return {"members": len(members), "same_speakers": attack(same), "other_speakers": attack(other)}
+
+
+def canary_audit(model: nn.Module, canaries: Canaries, holders: Mapping[str, str], trained: set[str],
+                 blank: int, n_mels: int) -> dict:
+    """Each planted canary's rank and exposure among the never-planted references."""
+    losses = utterance_losses(model, canaries.planted + canaries.references, blank, n_mels)
+    reference = [losses[e.id] for e in canaries.references]
+    rows = []
+    for c in canaries.planted:
+        rank, bits = exposure(losses[c.id], reference)
+        rows.append({"canary": c.id, "text": c.text, "device": holders[c.id], "trained": holders[c.id] in trained,
+                     "rank": rank, "exposure": bits})
+    seen = [r["exposure"] for r in rows if r["trained"]]
+    return {
+        "planted": len(rows), "references": len(reference), "trained": len(seen),
+        "mean_exposure": sum(seen) / len(seen) if seen else None,
+        "max_exposure": max(seen) if seen else None, "canaries": rows,
+    }
