@@ -43,7 +43,7 @@ def central_steps(cfg: Config) -> int:
 def _scores(model: ConformerCTC, inputs: Inputs, tokenizer: CharTokenizer, n_mels: int) -> dict[str, float]:
     held = evaluate(model, inputs.data.held_out, tokenizer, n_mels)
     dev = evaluate(model, [e for d in inputs.devices.values() for e in d.test], tokenizer, n_mels)
-    return {"wer": held.wer, "cer": held.cer, "device_wer": dev.wer, "device_cer": dev.cer}
+    return {"wer": held.wer, "cer": held.cer, "loss": held.loss, "device_wer": dev.wer, "device_cer": dev.cer}
 
 
 def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:

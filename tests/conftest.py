@@ -1,4 +1,8 @@
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +43,30 @@ def examples() -> list[Example]:
 def sim_cache(tmp_path_factory):
     """One corpus/feature/seed-model cache shared by every end-to-end simulation of a test session."""
     return tmp_path_factory.mktemp("sim-cache")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_entry(module: str, out: Path, cache: Path, *overrides: str) -> Path:
+    """Run a Hydra entry point (``experiments.simulate``/``experiments.central``) with the smoke preset."""
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    cmd = [sys.executable, "-m", module, "experiment=smoke", f"data.cache_dir={cache}",
+           f"hydra.run.dir={out / 'run'}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def simulate(out: Path, cache: Path, *overrides: str) -> Path:
+    """`unheard-simulate experiment=smoke` into ``out/run`` (stdout in ``out/stdout.txt``)."""
+    return run_entry("experiments.simulate", out, cache, *overrides)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, sim_cache) -> Path:
+    """The smoke simulation with DP, fixed sampling, outbound audit, membership inference and 2 canaries."""
+    return simulate(tmp_path_factory.mktemp("smoke"), sim_cache, "federation.sampling=fixed",
+                    "federation.audit_outbound=true", "audit.membership=true", "audit.canaries=2",
+                    "audit.canary_references=7", "audit.max_utterances=20")

@@ -41,6 +41,14 @@ def test_featurize_skips_bad_items_with_a_reason_and_caches(tmp_path, tokenizer)
     assert [e.id for e in again.examples] == ["a"] and torch.equal(again.examples[0].feats, out.examples[0].feats)
 
 
+def test_the_cache_is_keyed_by_the_length_limit(tmp_path, tokenizer):
+    utts = [Utterance("short", _wav(tmp_path / "s.wav", 0.5), "play jazz", "s1"),
+            Utterance("long", _wav(tmp_path / "l.wav", 2.0), "call mom", "s1")]
+    assert len(featurize(utts, tokenizer, 32, tmp_path / "cache", max_seconds=30).examples) == 2
+    limited = featurize(utts, tokenizer, 32, tmp_path / "cache", max_seconds=1.0)
+    assert [e.id for e in limited.examples] == ["short"] and "too long" in limited.problems[0].reason
+
+
 def test_collate_pads_with_zeros_and_keeps_lengths(examples):
     batch = collate(examples[:3], 16)
     lens = [e.feats.shape[0] for e in examples[:3]]

@@ -2,33 +2,12 @@
 simulation with Opacus DP-SGD on 4 devices for 2 rounds -- and the files it promises."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
-ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "epsilon_sample", "epsilon_user", "delta", "seconds"}
-
-
-def simulate(out: Path, cache: Path, *overrides: str) -> Path:
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    cmd = [sys.executable, "-m", "experiments.simulate", "experiment=smoke",
-           f"data.cache_dir={cache}", f"hydra.run.dir={out / 'run'}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (out / "stdout.txt").write_text(proc.stdout)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, sim_cache) -> Path:
-    return simulate(tmp_path_factory.mktemp("smoke"), sim_cache, "federation.sampling=fixed",
-                    "federation.audit_outbound=true")
 
 
 def test_results_have_a_row_per_round(smoke_run):
@@ -86,3 +65,26 @@ def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
         else:
             assert r["arrays"] is None
         assert set(r["metrics"]) <= ALLOWED_METRICS and set(r["metrics"].values()) <= {"int", "float"}
+
+
+def test_devices_keep_a_record_of_the_rounds_they_trained_in(smoke_run):
+    from clients.history import rounds_trained
+    from clients.simulated import state_dir
+
+    fleet = str(smoke_run / "run" / "fleet")
+    assert [rounds_trained(state_dir(fleet, pid)) for pid in range(4)] == [[1, 2]] * 4
+    assert all((state_dir(fleet, pid) / "ledger.json").exists() for pid in range(4))
+
+
+def test_the_leakage_audit_covers_members_and_canaries(smoke_run):
+    audit = json.loads((smoke_run / "run" / "audit.json").read_text())
+    assert audit["devices_trained"] == audit["devices"] == 4
+    mia = audit["membership"]
+    assert mia["members"] > 0
+    for population in ("same_speakers", "other_speakers"):
+        assert 0.0 <= mia[population]["auc"] <= 1.0 and 0.0 <= mia[population]["tpr_at_1pct_fpr"] <= 1.0
+    canaries = audit["canaries"]
+    assert canaries["planted"] == canaries["trained"] == 2 and canaries["references"] == 7
+    assert all(1 <= c["rank"] <= 8 and c["trained"] for c in canaries["canaries"])
+    out = (smoke_run / "stdout.txt").read_text()
+    assert "membership inference" in out and "canaries" in out

@@ -6,7 +6,7 @@ import pytest
 
 from fl.privacy.accounting import UserLevelSpec, user_level_epsilon
 from server.results import read_results
-from tests.test_simulation import simulate
+from tests.conftest import simulate
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,8 @@ class FeatureSet:
     problems: list[Problem]
 
 
-def _cache_key(utterances: Sequence[Utterance], n_mels: int) -> str:
-    h = hashlib.sha256(f"logmel-v1:{n_mels}:{HOP_LENGTH}:{WIN_LENGTH}".encode())
+def _cache_key(utterances: Sequence[Utterance], n_mels: int, max_seconds: float) -> str:
+    h = hashlib.sha256(f"logmel-v1:{n_mels}:{HOP_LENGTH}:{WIN_LENGTH}:{max_seconds!r}".encode())
     for u in utterances:
         h.update(f"{u.id}\t{u.audio}\t{u.text}\n".encode())
     return h.hexdigest()[:16]
@@ -82,9 +82,10 @@ def featurize(
 ) -> FeatureSet:
     """Featurise ``utterances``, skipping (and reporting) any whose audio or text is bad.
 
-    Results are cached in ``cache_dir`` under a key of the utterance list and feature settings.
+    Results are cached in ``cache_dir`` under a key of the utterance list, the feature settings and
+    ``max_seconds`` (which decides what is skipped).
     """
-    cache = Path(cache_dir) / f"feats-{_cache_key(utterances, n_mels)}.pt"
+    cache = Path(cache_dir) / f"feats-{_cache_key(utterances, n_mels, max_seconds)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=False)
         return FeatureSet(blob["examples"], blob["problems"])
