@@ -65,3 +65,14 @@ def would_exceed(account: SampleAccount, cfg: SamplePrivacyConfig, sigma: float,
         return False
     trial = SampleAccount(history=account.history + [(sigma, rate, steps)], accountant=account.accountant)
     return trial.epsilon(cfg.delta) > cfg.max_epsilon
+
+
+STATUS = "status.json"
+
+
+def record_budget_spent(state_dir: Path, epsilon: float, cfg: SamplePrivacyConfig, server_round: int) -> None:
+    """Leave the device's owner a note that training stopped because the budget is spent."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STATUS).write_text(json.dumps({
+        "training": "stopped: privacy budget spent", "epsilon": epsilon, "delta": cfg.delta,
+        "max_epsilon": cfg.max_epsilon, "declined_round": server_round}, indent=1))

@@ -10,6 +10,7 @@ The DP-SGD ledger is a file on the device (``clients/budget.py``), written befor
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from fl.model.conformer import ConformerCTC
 from fl.privacy.sample import SampleAccount, dp_sgd_round, sample_rate
 from fl.privacy.update import model_delta, privatize_update
 from fl.train import evaluate, freeze_except, plain_round
+
+log = logging.getLogger(__name__)
 
 
 class DeviceStore(Protocol):
@@ -77,6 +80,10 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
            tokenizer: CharTokenizer) -> Message:
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])
+    if not device.train:
+        log.warning("device %s has no usable training recordings: declining round %d", device.device_id,
+                    server_round)
+        return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
     seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
     torch.manual_seed(seed)
     model = _model(settings, msg, tokenizer)
@@ -92,6 +99,10 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
         sigma = budget.noise_multiplier(ledger, dp, rate, settings.train.local_steps,
                                         int(config[P.PLANNED_ROUNDS]), float(config[P.PARTICIPATION]))
         if budget.would_exceed(account, dp, sigma, rate, settings.train.local_steps):
+            spent = account.epsilon(dp.delta)
+            log.warning("device %s: privacy budget spent (epsilon %.3f, max %s): declining round %d",
+                        device.device_id, spent, dp.max_epsilon, server_round)
+            budget.record_budget_spent(state, spent, dp, server_round)
             reply = {P.DECLINED: 1, **_privacy_metrics(account, dp)}
             return Message(content=RecordDict({P.METRICS: MetricRecord(reply)}), reply_to=msg)
         stats = dp_sgd_round(model, device.train, settings.train, dp, account, tokenizer.blank,
@@ -147,12 +158,15 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(settings.threads)
         device = store.data(context)
-        result = evaluate(_model(settings, msg, tokenizer), device.test, tokenizer, settings.model.n_mels)
-        metrics: dict[str, float | int] = {
-            P.NUM_EXAMPLES: result.utterances, P.WER: result.wer, P.CER: result.cer, P.LOSS: result.loss,
-            P.WORDS: sum(len(e.text.split()) for e in device.test),
-            P.CHARS: sum(len(e.text) for e in device.test),
-        }
+        metrics: dict[str, float | int] = {P.NUM_EXAMPLES: 0, P.WER: 0.0, P.CER: 0.0, P.LOSS: 0.0, P.WORDS: 0,
+                                           P.CHARS: 0}  # no test recordings: counts nothing
+        if device.test:
+            result = evaluate(_model(settings, msg, tokenizer), device.test, tokenizer, settings.model.n_mels)
+            metrics = {
+                P.NUM_EXAMPLES: result.utterances, P.WER: result.wer, P.CER: result.cer, P.LOSS: result.loss,
+                P.WORDS: sum(len(e.text.split()) for e in device.test),
+                P.CHARS: sum(len(e.text) for e in device.test),
+            }
         if settings.sample is not None:
             metrics |= _privacy_metrics(budget.load_account(store.state(context) / budget.LEDGER,
                                                              settings.sample.accountant),

@@ -201,6 +201,20 @@ class CentralConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Where ``unheard-launch`` submits a run on Flower's Deployment Engine.
+
+    ``superlink``: the SuperLink's address (host:port, its one HTTPS port); ``root_cert``: the CA
+    certificate that signed the SuperLink's (TLS is always on); ``timeout``: seconds to wait for
+    the run to finish.
+    """
+
+    superlink: str = "127.0.0.1:9093"
+    root_cert: Optional[str] = None
+    timeout: float = 7200.0
+
+
+@dataclass
 class Config:
     """The root config of one run."""
 
@@ -214,6 +228,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ from fl.data.readers import (
     ReadResult,
     problem_summary,
     read_corpus,
+    read_folder,
     read_fsdd,
     read_kaldi_dir,
     read_librispeech,
@@ -225,6 +226,25 @@ def test_manifest(tmp_path: Path) -> None:
     assert "JSON object" in why["line 7"]
     with pytest.raises(CorpusError, match="JSONL manifest"):
         read_manifest(tmp_path / "none.jsonl")
+
+
+def test_folder_pairs_recordings_with_transcripts(tmp_path: Path) -> None:
+    write_tone(tmp_path / "kitchen" / "a.wav")
+    (tmp_path / "kitchen" / "a.txt").write_text("Turn on the lights\n", encoding="utf-8")
+    write_tone(tmp_path / "b.flac", fmt="FLAC")
+    (tmp_path / "b.txt").write_text("call mom", encoding="utf-8")
+    write_tone(tmp_path / "no_text.wav")
+    write_tone(tmp_path / "empty.wav")
+    (tmp_path / "empty.txt").write_text("  ", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not a transcript of anything", encoding="utf-8")
+    r = read_folder(tmp_path)
+    assert [(u.id, u.text, u.speaker) for u in r.utterances] == [
+        ("b", "call mom", tmp_path.name), ("kitchen/a", "turn on the lights", "kitchen")]
+    why = reasons(r)
+    assert set(why) == {"no_text", "empty"}
+    assert "no transcript" in why["no_text"] and "empty transcript" in why["empty"]
+    with pytest.raises(CorpusError, match="folder of recordings"):
+        read_folder(tmp_path / "absent")
 
 
 def test_read_corpus_dispatches(fsdd_dir: Path) -> None:

@@ -102,31 +102,62 @@ def _eval_corpus(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, feats_d
     return feats.examples, result.problems + feats.problems
 
 
-def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> PreparedData:
-    cache = Path(cfg.cache_dir)
+def _public_sets(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int,
+                 rng: random.Random) -> tuple[list[Example], list[Example], list[Utterance], list[Problem]]:
+    """(public train, public dev, the embedded private utterances, problems): what the seed model sees."""
     corpus = build_embedded_corpus(
-        cache / "embedded", n_public=cfg.public_speakers, n_private=cfg.private_speakers,
+        Path(cfg.cache_dir) / "embedded", n_public=cfg.public_speakers, n_private=cfg.private_speakers,
         public_utterances=cfg.public_utterances, private_utterances=cfg.private_utterances,
         seed=seed, shift=cfg.shift,
     )
-    check_paths(cfg)
-    pool, problems = _private_pool(cfg, corpus.private)
-    rng = random.Random(seed)
-    pool = _cap_speakers(pool, cfg.max_speakers, rng)
-    feats_dir = cache / "features"
-    public_utts = list(corpus.public)
+    public_utts, problems = list(corpus.public), []
     if cfg.public_corpus:
         extra = read_corpus(cfg.public_corpus, str(cfg.public_path))
         public_utts += extra.utterances
         problems += extra.problems
-    public = featurize(public_utts, tokenizer, n_mels, feats_dir, cfg.max_seconds)
-    private = featurize(pool, tokenizer, n_mels, feats_dir, cfg.max_seconds)
-    problems += public.problems + private.problems
-
+    public = featurize(public_utts, tokenizer, n_mels, Path(cfg.cache_dir) / "features", cfg.max_seconds)
     public_ex = list(public.examples)
     rng.shuffle(public_ex)
     n_dev = max(1, len(public_ex) // 10)
-    public_dev, public_train = public_ex[:n_dev], public_ex[n_dev:]
+    return public_ex[n_dev:], public_ex[:n_dev], corpus.private, problems + public.problems
+
+
+@dataclass
+class ServerData:
+    public_train: list[Example]
+    public_dev: list[Example]
+    held_out: list[Example]
+    problems: list[Problem]
+
+
+def prepare_server_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> ServerData:
+    """What a deployed server holds: the public sets (seed model) and its evaluation set.
+
+    The evaluation set is the ``eval_path`` corpus when configured, else the public dev split.
+    Devices' data (``data.path``) is never read: in a deployment it is on the devices.
+    """
+    rng = random.Random(seed)
+    public_train, public_dev, _, problems = _public_sets(cfg, tokenizer, n_mels, seed, rng)
+    held_out = public_dev
+    if cfg.eval_path:
+        if not Path(cfg.eval_path).exists():
+            raise DataNotFound(f"data.eval_path={cfg.eval_path} does not exist")
+        held_out, eval_problems = _eval_corpus(cfg, tokenizer, n_mels, Path(cfg.cache_dir) / "features", set())
+        problems += eval_problems
+    return ServerData(public_train, public_dev, _cap_examples(held_out, cfg.eval_utterances, rng), problems)
+
+
+def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> PreparedData:
+    """Public sets, devices and held-out speakers for a simulation (see the module docstring)."""
+    check_paths(cfg)
+    rng = random.Random(seed)
+    public_train, public_dev, embedded_private, problems = _public_sets(cfg, tokenizer, n_mels, seed, rng)
+    pool, pool_problems = _private_pool(cfg, embedded_private)
+    problems += pool_problems
+    pool = _cap_speakers(pool, cfg.max_speakers, rng)
+    feats_dir = Path(cfg.cache_dir) / "features"
+    private = featurize(pool, tokenizer, n_mels, feats_dir, cfg.max_seconds)
+    problems += private.problems
 
     kept = _by_id(private.examples)
     speakers = sorted(group_by_speaker(u for u in pool if u.id in kept))

@@ -253,8 +253,38 @@ def read_manifest(path: str | Path) -> ReadResult:
     return c.finish("manifest", path)
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def read_folder(path: str | Path) -> ReadResult:
+    """Read a folder of recordings, each with a transcript beside it: ``clip.wav`` + ``clip.txt``.
+
+    Searched recursively (``.wav``, ``.flac``, ``.ogg``). The utterance id is the path relative to
+    ``path`` without suffix; the speaker is the recording's parent folder name (the folder itself
+    for files at the top). What a device owner most easily has: their recordings and what was said.
+    """
+    path = _require_dir(path, "a folder of recordings (clip.wav) with transcripts beside them (clip.txt)")
+    c = _Collector()
+    audio_files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    seen: set[str] = set()
+    for audio in audio_files:
+        uid = str(audio.relative_to(path).with_suffix(""))
+        if uid in seen:
+            c.skip(uid, f"two recordings with this name ({audio.name}): ambiguous")
+            continue
+        seen.add(uid)
+        transcript = audio.with_suffix(".txt")
+        if not transcript.is_file():
+            c.skip(uid, f"no transcript: expected {transcript.name} beside {audio.name}")
+            continue
+        text = transcript.read_text(encoding="utf-8", errors="replace").strip()
+        c.add(uid, audio.resolve(), text, audio.parent.name if audio.parent != path else path.name)
+    return c.finish("folder", path)
+
+
 READERS: dict[str, Callable[[Path], ReadResult]] = {
     "kaldi": read_kaldi_dir,
+    "folder": read_folder,
     "fsdd": read_fsdd,
     "librispeech": read_librispeech,
     "manifest": read_manifest,

@@ -1,0 +1,74 @@
+"""A real device's store: its own recordings in a data folder, and a state folder that persists.
+
+The data folder is a Kaldi data dir (``wav.scp``/``text``/``utt2spk``) or a folder of recordings
+with transcripts beside them (``clip.wav`` + ``clip.txt``). Features are cached in the state
+folder; the ledger (``clients/budget.py``) and round history (``clients/history.py``) live there
+too, so a restarted device continues its privacy accounting where it stopped. Unusable recordings
+are skipped and listed in ``state/problems.jsonl``; a device with none left trains on nothing and
+declines every round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context
+
+from fl.data.features import featurize
+from fl.data.fleet import DeviceData
+from fl.data.partition import split_device
+from fl.data.readers import read_corpus
+from fl.data.text import CharTokenizer
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data-dir"
+STATE_DIR = "state-dir"
+"""The SuperNode ``--node-config`` keys ``unheard-device`` sets."""
+
+
+def corpus_kind(data_dir: Path) -> str:
+    """``kaldi`` for a Kaldi data dir, else ``folder``."""
+    return "kaldi" if (data_dir / "wav.scp").is_file() else "folder"
+
+
+@lru_cache(maxsize=4)
+def load_local_device(data_dir: str, state_dir: str, n_mels: int, test_fraction: float, max_seconds: float,
+                      seed: int) -> DeviceData:
+    """Read, featurise (cached in the state folder) and split this device's recordings."""
+    data, state = Path(data_dir), Path(state_dir)
+    read = read_corpus(corpus_kind(data), data)
+    feats = featurize(read.utterances, CharTokenizer(), n_mels, state / "features", max_seconds)
+    problems = read.problems + feats.problems
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in problems))
+    if problems:
+        log.warning("device data %s: %d recordings skipped (see %s)", data, len(problems), state / "problems.jsonl")
+    kept = {e.id: e for e in feats.examples}
+    usable = [u for u in read.utterances if u.id in kept]
+    if len(usable) < 2:
+        log.warning("device data %s: %d usable recordings; this device will decline to train", data, len(usable))
+        return DeviceData(data.name, [kept[u.id] for u in usable], [])
+    train, test = split_device(usable, test_fraction, seed)
+    return DeviceData(data.name, [kept[u.id] for u in train], [kept[u.id] for u in test])
+
+
+@dataclass(frozen=True)
+class LocalDevice:
+    """The :class:`~clients.client_app.DeviceStore` of a deployed SuperNode (paths from its node config)."""
+
+    n_mels: int
+    test_fraction: float
+    max_seconds: float
+    seed: int
+
+    def data(self, context: Context) -> DeviceData:
+        return load_local_device(str(context.node_config[DATA_DIR]), str(self.state(context)), self.n_mels,
+                                 self.test_fraction, self.max_seconds, self.seed)
+
+    def state(self, context: Context) -> Path:
+        return Path(str(context.node_config[STATE_DIR]))

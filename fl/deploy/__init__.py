@@ -1,0 +1,1 @@
+"""Deployment helpers shared by the server and device sides (certificates, keys)."""

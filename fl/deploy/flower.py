@@ -1,0 +1,56 @@
+"""Running Flower's own command-line programs the way a secure unheard deployment needs them.
+
+Flower's SuperLink and SuperNode start ``flower-superexec``, ``flwr-serverapp`` and
+``flwr-clientapp`` by bare name, so this interpreter's ``bin`` folder goes first on ``PATH``;
+runtime dependency installation is always off (it would pull a second, CUDA torch); and each
+role gets its own ``FLWR_HOME`` (the ``flwr`` CLI's SuperLink connections, installed app bundles).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+CONNECTION = "unheard"
+"""The name of the SuperLink connection written to ``FLWR_HOME/config.toml``."""
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def tool(name: str) -> str:
+    """The path of a Flower program installed beside this interpreter."""
+    return str(Path(sys.executable).parent / name)
+
+
+def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:
+    """Point the ``flwr`` CLI (with ``FLWR_HOME=flwr_home``) at a TLS SuperLink, as :data:`CONNECTION`."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
+        f'root-certificates = "{Path(root_cert).resolve()}"\n', encoding="utf-8")
+
+
+def wait_for_tls(address: str, root_cert: Path, timeout: float) -> None:
+    """Block until ``address`` accepts a TLS handshake verified by ``root_cert``."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(root_cert))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2) as sock:
+                with context.wrap_socket(sock, server_hostname=host):
+                    return
+        except (OSError, ssl.SSLError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no TLS SuperLink answered at {address} within {timeout:g} s") from None
+            time.sleep(0.5)
