@@ -11,7 +11,6 @@ The DP-SGD ledger is a file on the device (``clients/budget.py``), written befor
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import budget
+from clients.faults import Faults
 from clients.guard import outbound_guard
 from clients.history import append_round
 from clients.secure_app import secure_train_mods
@@ -55,11 +55,7 @@ class DeviceSettings:
     user: Optional[UserPrivacyConfig]
     seed: int
     threads: int = 1
-    drop_after_training: float = 0.0
-
-
-class InjectedFault(RuntimeError):
-    """Fault injection: the device trained (and spent budget) but its reply is lost."""
+    faults: Faults = Faults()
 
 
 def _model(settings: DeviceSettings, msg: Message, tokenizer: CharTokenizer) -> ConformerCTC:
@@ -84,6 +80,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
         log.warning("device %s has no usable training recordings: declining round %d", device.device_id,
                     server_round)
         return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
+    settings.faults.before_training(context, settings.seed, server_round)
     seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
     torch.manual_seed(seed)
     model = _model(settings, msg, tokenizer)
@@ -122,8 +119,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
                                        secure=bool(dp and dp.secure_mode))
         if bit is not None:
             metrics[P.CLIP_BIT] = bit
-    if settings.drop_after_training and random.Random(seed).random() < settings.drop_after_training:
-        raise InjectedFault(f"injected fault: device {context.node_id} trained in round {server_round}, reply lost")
+    settings.faults.after_training(context, settings.seed, server_round)
     content = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -57,14 +57,16 @@ class CurveRow:
 
 
 def mechanism_of(summary: dict[str, Any]) -> str:
-    """``central-finetune``, ``none``, ``sample``, ``user-<noise>`` or ``both-<noise>``."""
+    """``central-finetune``, ``none``, ``sample``, ``user-<noise>`` or ``both-<noise>``, with
+    ``-extrapolated`` when the user-level epsilon is for a stated population, not the simulated one."""
     if summary.get("kind") == "central":
         return "central-finetune"
     privacy = summary["privacy"]
     sample, user = privacy.get("sample"), privacy.get("user")
     if user is None:
         return "sample" if sample else _configured(summary)
-    return f"{'both' if sample or summary['config']['privacy'].get('sample') else 'user'}-{user['noise']}"
+    level = "both" if sample or summary["config"]["privacy"].get("sample") else "user"
+    return f"{level}-{user['noise']}" + ("-extrapolated" if user.get("extrapolated") else "")
 
 
 def _configured(summary: dict[str, Any]) -> str:

@@ -43,10 +43,10 @@ def _private_series(ax: Any, rows: list[CurveRow], metric: str, eps_key: str) ->
         xs = [getattr(r, eps_key) for r in points]
         ys = [100 * getattr(r, metric) for r in points]
         (line,) = ax.plot(xs, ys, marker="o", label=mech)
-        extrap = [(x, y) for x, y, r in zip(xs, ys, points) if r.extrapolated and eps_key == "epsilon_user"]
-        if extrap:
-            ax.scatter(*zip(*extrap), s=120, facecolors="none", edgecolors=line.get_color(),
-                       label=f"{mech}: extrapolated population")
+        if eps_key == "epsilon_user" and any(r.extrapolated for r in points):
+            line.set_linestyle("--")
+            line.set_markerfacecolor("none")
+            line.set_label(f"{mech} (epsilon for a stated population, not this simulation)")
     return bool(by_mech)
 
 

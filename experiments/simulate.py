@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.client_app import DeviceSettings, make_client_app
+from clients.faults import Faults
 from clients.history import rounds_trained
 from clients.simulated import SimulatedDevices, state_dir
 from experiments.inputs import build_inputs, run_audit
@@ -44,8 +45,8 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     torch.save(inputs.data.held_out, fleet / "held_out.pt")
 
     sample, fed = cfg.privacy.sample, cfg.federation
-    device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client,
-                            fed.drop_after_training)
+    faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
+    device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client, faults)
     server = ServerSettings(
         out_dir=str(out_dir), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
         round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=str(inputs.seed.path),

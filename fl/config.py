@@ -155,15 +155,21 @@ class FederationConfig:
     ``sampling``: ``poisson`` (each device joins a round independently with probability
     clients_per_round / devices: what amplification by sampling needs) or ``fixed`` (exactly
     clients_per_round devices; user-level DP is then accounted without amplification).
-    ``drop_after_training``: fault injection, the probability that a device trains and then
-    loses its reply (its privacy spend still counts). ``audit_outbound``: log the shape of every
-    message a device sends to ``<run dir>/outbound/``.
+    Fault injection (probabilities per device and round, reproducible for a given seed):
+    ``crash_before_training`` (nothing spent), ``drop_after_training`` (the device trains, then
+    loses its reply: its privacy spend still counts), ``slow_devices`` (sleep ``slow_seconds``
+    first; past ``round_timeout`` the reply is a failure). ``audit_outbound``: log the shape of
+    every message a device sends to ``<run dir>/outbound/``. ``device_eval_every``: federated
+    evaluation every that many rounds (0: only after the last).
     """
 
     rounds: int = 6
     clients_per_round: int = 6
     sampling: str = "poisson"
+    crash_before_training: float = 0.0
     drop_after_training: float = 0.0
+    slow_devices: float = 0.0
+    slow_seconds: float = 0.0
     audit_outbound: bool = False
     num_cpus_per_client: float = 1.0
     threads_per_client: int = 1
@@ -264,8 +270,9 @@ def validate(cfg: Config) -> None:
                          f"{'set' if has[1] else 'null'}; pick the preset with privacy=none|sample|user|both")
     if cfg.federation.clients_per_round < 1 or cfg.federation.rounds < 0:
         raise ValueError("federation.clients_per_round must be >= 1 and federation.rounds >= 0")
-    if not 0.0 <= cfg.federation.drop_after_training <= 1.0:
-        raise ValueError("federation.drop_after_training is a probability in [0, 1]")
+    for key in ("crash_before_training", "drop_after_training", "slow_devices"):
+        if not 0.0 <= getattr(cfg.federation, key) <= 1.0:
+            raise ValueError(f"federation.{key} is a probability in [0, 1]")
     if cfg.data.eval_path and cfg.data.eval_speakers:
         raise ValueError("data.eval_path gives the evaluation speakers: set data.eval_speakers=0 with it")
     if cfg.data.eval_path and cfg.data.corpus == "embedded":

@@ -66,7 +66,8 @@ def test_labels_mark_extrapolation_and_missing_amplification(tmp_path):
     _fake_run(tmp_path, "declined", None, None, configured_sample=True)  # DP on, no device reported spend
     rows = {r.run: r for r in collect([tmp_path], tmp_path / "out")}
     assert {k: r.mechanism for k, r in rows.items()} == {
-        "extrap": "user-central", "fixed": "user-local", "both": "both-distributed", "declined": "sample"}
+        "extrap": "user-central-extrapolated", "fixed": "user-local", "both": "both-distributed-extrapolated",
+        "declined": "sample"}
     table = markdown_table(list(rows.values()))
     assert "0.5 (extrapolated)" in table and "(no amplification)" in table
 

@@ -7,74 +7,15 @@ and allowed scalars, and neither an unregistered key nor a wrong CA gets in.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from experiments.loopback import Loopback
 from fl.data.embedded import build_embedded_corpus
 from fl.deploy.certs import make_ca_and_server, make_device_key
-from tests.conftest import ROOT
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(900)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    return dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-
-
-class Fleet:
-    """The processes of one loopback deployment, started and stopped by PID."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.procs = root, {}
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=self.root,
-                                start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def device(self, name: str, key: Path, ca: Path) -> subprocess.Popen:
-        return self.start(name, [str(BIN / "unheard-device"), "--superlink", self.address,
-                                 "--data", str(self.root / "data" / name), "--state", str(self.root / "state" / name),
-                                 "--root-cert", str(ca), "--auth-key", str(key), "--port", str(free_port()),
-                                 "--audit-dir", str(self.root / "outbound" / name), "--max-wait-time", "30"])
-
-    def wait_for(self, name: str, text: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            assert self.procs[name].poll() is None, f"{name} exited:\n{self.log(name)[-3000:]}"
-            assert time.monotonic() < deadline, f"{name}: no {text!r} within {timeout} s:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
 
 
 def write_device_data(root: Path, cache: Path) -> None:
@@ -90,19 +31,21 @@ def write_device_data(root: Path, cache: Path) -> None:
             (folder / f"{u.id}.txt").write_text(u.text)
 
 
-def launch(fleet: Fleet, ca: Path, cache: Path, name: str, rounds: int) -> Path:
+def launch(fleet: Loopback, ca: Path, cache: Path, name: str, rounds: int) -> Path:
     """``unheard-launch`` of the smoke preset on the 3 devices (devices evaluate only after the last round)."""
     out = fleet.root / name
-    cmd = [str(BIN / "unheard-launch"), "experiment=smoke", f"data.cache_dir={cache}", f"hydra.run.dir={out}",
-           f"deploy.superlink={fleet.address}", f"deploy.root_cert={ca}", "deploy.timeout=600",
-           f"federation.rounds={rounds}", "federation.clients_per_round=3", "federation.sampling=fixed",
-           "federation.round_timeout=300", "federation.device_eval_every=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=700)
+    proc = fleet.launch(ca, out, "experiment=smoke", f"data.cache_dir={cache}", "deploy.timeout=600",
+                        f"federation.rounds={rounds}", "federation.clients_per_round=3", "federation.sampling=fixed",
+                        "federation.round_timeout=300", "federation.device_eval_every=0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
 
-def ledger_steps(fleet: Fleet, name: str) -> int:
+def device(fleet: Loopback, name: str, key: Path, ca: Path):
+    return fleet.device(name, key, ca, "--audit-dir", str(fleet.root / "outbound" / name))
+
+
+def ledger_steps(fleet: Loopback, name: str) -> int:
     history = json.loads((fleet.root / "state" / name / "ledger.json").read_text())["history"]
     return sum(steps for _, _, steps in history)
 
@@ -119,26 +62,22 @@ def deployment(tmp_path_factory, sim_cache):
     write_device_data(root, sim_cache)
     for stranger in ("intruder", "wrong-ca"):
         (root / "data" / stranger).mkdir()
-    fleet = Fleet(root)
-    fleet.start("superlink", [str(BIN / "unheard-superlink"), "start", "--certs", str(certs), "--state",
-                              str(root / "superlink"), "--allow", str(keys / "allowed"), "--host", "127.0.0.1",
-                              "--port", str(fleet.port)])
-    fleet.wait_for("superlink", "SuperLink ready", timeout=120)
+    fleet = Loopback(root)
+    fleet.superlink(certs, keys / "allowed")
     assert "3 of 3 device keys allowed" in fleet.log("superlink")
     for i in range(3):
-        fleet.device(f"device{i}", keys / "allowed" / f"device{i}", certs / "ca.crt")
+        device(fleet, f"device{i}", keys / "allowed" / f"device{i}", certs / "ca.crt")
     for i in range(3):
         fleet.wait_for(f"device{i}", "SuperNode ID")
     first = launch(fleet, certs / "ca.crt", sim_cache, "run1", rounds=2)
     steps_after_first = ledger_steps(fleet, "device0")
     fleet.stop("device0")  # a device restarts between runs
-    fleet.device("device0", keys / "allowed" / "device0", certs / "ca.crt")
+    device(fleet, "device0", keys / "allowed" / "device0", certs / "ca.crt")
     fleet.wait_for("device0", "SuperNode ID")
     second = launch(fleet, certs / "ca.crt", sim_cache, "run2", rounds=1)
     yield {"fleet": fleet, "first": first, "second": second, "steps_after_first": steps_after_first,
            "keys": keys, "certs": certs}
-    for name in list(fleet.procs)[::-1]:
-        fleet.stop(name)
+    fleet.stop_all()
 
 
 def test_a_run_over_tls_finishes_with_results_and_epsilon(deployment):
@@ -186,7 +125,7 @@ def test_replies_over_the_real_transport_carry_only_model_arrays_and_allowed_sca
 
 def test_an_unregistered_device_is_refused(deployment):
     fleet = deployment["fleet"]
-    proc = fleet.device("intruder", deployment["keys"] / "intruder", deployment["certs"] / "ca.crt")
+    proc = device(fleet, "intruder", deployment["keys"] / "intruder", deployment["certs"] / "ca.crt")
     assert proc.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in fleet.log("intruder")
     fleet.procs.pop("intruder")
@@ -194,8 +133,7 @@ def test_an_unregistered_device_is_refused(deployment):
 
 def test_a_device_without_the_right_root_certificate_cannot_connect(deployment):
     fleet = deployment["fleet"]
-    proc = fleet.device("wrong-ca", deployment["keys"] / "allowed" / "device1",
-                        fleet.root / "other-ca" / "ca.crt")
+    proc = device(fleet, "wrong-ca", deployment["keys"] / "allowed" / "device1", fleet.root / "other-ca" / "ca.crt")
     assert proc.wait(timeout=120) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in fleet.log("wrong-ca")
     fleet.procs.pop("wrong-ca")

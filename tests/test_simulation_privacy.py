@@ -49,3 +49,27 @@ def test_distributed_noise_runs_under_secure_aggregation(tmp_path_factory, sim_c
     assert user["noise"] == "distributed" and user["rounds"] == 2
     spec = UserLevelSpec(user["noise_multiplier"], user["sampling_rate"], 2, user["delta"], "fixed", user["accountant"])
     assert user["epsilon"] == pytest.approx(user_level_epsilon(spec), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory, sim_cache):
+    return simulate(
+        tmp_path_factory.mktemp("faults"), sim_cache, "federation.sampling=fixed",
+        "federation.crash_before_training=0.5", "federation.slow_devices=0.5", "federation.slow_seconds=1.0",
+    ) / "run"
+
+
+def test_rounds_complete_with_the_devices_that_did_not_crash(faulty_run):
+    from clients.history import rounds_trained
+    from clients.simulated import state_dir
+
+    rows = read_results(faulty_run)[1:]
+    assert [r["clients"] + r["failures"] for r in rows] == [4, 4]  # every sampled device answered or failed
+    assert sum(r["failures"] for r in rows) > 0 and all(r["clients"] > 0 for r in rows)
+    fleet = str(faulty_run / "fleet")
+    trained = [rounds_trained(state_dir(fleet, pid)) for pid in range(4)]
+    assert sum(map(len, trained)) == sum(r["clients"] for r in rows)  # a crash before training trains nothing
+    for pid, rounds in enumerate(trained):  # ... and spends nothing: the ledger holds only the rounds trained
+        ledger = state_dir(fleet, pid) / "ledger.json"
+        steps = sum(n for _, _, n in json.loads(ledger.read_text())["history"]) if ledger.exists() else 0
+        assert steps == 2 * len(rounds)
