@@ -9,20 +9,17 @@ collects (and listens to) users' recordings could reach. It writes ``summary.jso
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments.inputs import Inputs, build_inputs, run_audit
-from experiments.simulate import CONF_DIR, print_summary
-from fl.config import Config, register_configs, validate
-from fl.data.prepare import DataNotFound, check_paths
+from experiments.simulate import CONF_DIR, run_checked
+from fl.config import Config, register_configs
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.train import evaluate, plain_round
@@ -71,16 +68,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    try:
-        validate(cfg)
-        check_paths(cfg.data)
-    except (ValueError, DataNotFound) as err:
-        log.error("invalid config: %s", err)
-        sys.exit(2)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
-    print_summary(summary, out_dir)
+    run_checked(dcfg, run)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -55,13 +56,15 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
         user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
     )
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
+    if fed.ray_address:
+        log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)
     run_simulation(
         server_app=make_server_app(server),
         client_app=make_client_app(device, SimulatedDevices(str(fleet)), audit),
         num_supernodes=len(ids),
         backend_config={
-            "client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False},
+            "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, **({"address": fed.ray_address} if fed.ray_address else {})},
         },
     )
     summary_path = out_dir / SUMMARY
@@ -131,8 +134,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(dcfg: DictConfig) -> None:
+def run_checked(dcfg: DictConfig, runner: Callable[[Config, Path, dict], dict]) -> None:
+    """Validate the composed config (and that its corpora exist), run, print the summary."""
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
         validate(cfg)
@@ -141,8 +144,13 @@ def main(dcfg: DictConfig) -> None:
         log.error("invalid config: %s", err)
         sys.exit(2)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
+    summary = runner(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
     print_summary(summary, out_dir)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig) -> None:
+    run_checked(dcfg, run)
 
 
 if __name__ == "__main__":
