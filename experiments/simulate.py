@@ -64,7 +64,8 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
         num_supernodes=len(ids),
         backend_config={
             "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False, **({"address": fed.ray_address} if fed.ray_address else {})},
+            # "local": a fresh Ray instance even where `ray start` left a cluster behind (Ray would join it)
+            "init_args": {"include_dashboard": False, "address": fed.ray_address or "local"},
         },
     )
     summary_path = out_dir / SUMMARY

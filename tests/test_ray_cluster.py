@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +27,11 @@ def _listening(port: int) -> bool:
 @pytest.fixture
 def ray_head(tmp_path):
     port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     log = open(tmp_path / "ray-head.log", "w")
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
            f"--num-cpus={HEAD_CPUS}", "--include-dashboard=false", "--disable-usage-stats",
-           "--node-ip-address=127.0.0.1"]
+           "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"]  # so no ray_current_cluster is left in /tmp/ray
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
     deadline = time.monotonic() + 120
@@ -38,6 +41,7 @@ def ray_head(tmp_path):
         time.sleep(0.5)
     yield f"127.0.0.1:{port}"
     stop_group(head, timeout=60)
+    shutil.rmtree(temp, ignore_errors=True)
     deadline = time.monotonic() + 30
     while _listening(port) and time.monotonic() < deadline:
         time.sleep(0.5)
