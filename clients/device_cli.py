@@ -23,22 +23,18 @@ from typing import Optional
 from clients.device_app import AUDIT_DIR, MAX_EPSILON
 from clients.local import DATA_DIR, STATE_DIR, corpus_kind
 from fl.data.readers import CorpusError, read_corpus
-from fl.deploy.flower import flower_env, tool
+from fl.deploy.flower import flower_env, toml_string, tool
 
 log = logging.getLogger(__name__)
 
 
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    node_config = [f"{DATA_DIR}={_toml_string(str(args.data.resolve()))}",
-                   f"{STATE_DIR}={_toml_string(str(args.state.resolve()))}"]
+    node_config = [f"{DATA_DIR}={toml_string(str(args.data.resolve()))}",
+                   f"{STATE_DIR}={toml_string(str(args.state.resolve()))}"]
     if args.max_epsilon is not None:
         node_config.append(f"{MAX_EPSILON}={float(args.max_epsilon)}")
     if args.audit_dir is not None:
-        node_config.append(f"{AUDIT_DIR}={_toml_string(str(args.audit_dir.resolve()))}")
+        node_config.append(f"{AUDIT_DIR}={toml_string(str(args.audit_dir.resolve()))}")
     cmd = [tool("flower-supernode"), "--superlink", args.superlink, "--root-certificates", str(args.root_cert),
            "--auth-supernode-private-key", str(args.auth_key), "--node-config", " ".join(node_config),
            "--host", "127.0.0.1", "--port", str(args.port)]

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from experiments.inputs import AUDIT
 from experiments.plots import plot_all
 from server.results import RESULTS, SUMMARY
 
 log = logging.getLogger(__name__)
-AUDIT = "audit.json"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from fl import runconfig
 from fl.config import Config, register_configs, validate
 from fl.data.prepare import DataNotFound, prepare_server_data
 from fl.data.text import CharTokenizer
-from fl.deploy.flower import CONNECTION, flower_env, tool, write_connection
+from fl.deploy.flower import CONNECTION, flwr, toml_string, write_connection
 from fl.pretrain import pretrain_seed
 from server.results import RESULTS, SUMMARY
 
@@ -38,22 +37,13 @@ APP_DIR = Path(__file__).resolve().parent.parent
 register_configs()
 
 
-def _toml_string(value: str) -> str:
-    return json.dumps(value)  # a JSON string of ASCII text is a valid TOML basic string
-
-
 def write_run_config(path: Path, values: dict[str, str]) -> Path:
-    path.write_text("".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items()), encoding="ascii")
+    path.write_text("".join(f"{k} = {toml_string(v)}\n" for k, v in values.items()), encoding="ascii")
     return path
 
 
-def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("flwr"), *args], env=flower_env(home), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def _status(home: Path, run_id: str) -> str:
-    proc = _flwr(home, "list", CONNECTION, "--run-id", run_id, "--format", "json")
+    proc = flwr(home, "list", CONNECTION, "--run-id", run_id, "--format", "json")
     if proc.returncode != 0:
         return "unknown"
     runs = json.loads(proc.stdout).get("runs") or [{}]
@@ -76,7 +66,7 @@ def submit(cfg: Config, out_dir: Path, resolved: dict) -> str:
         runconfig.INITIAL_WEIGHTS: str(seed.path), runconfig.EVAL_EXAMPLES: str(out_dir / "eval.pt"),
         runconfig.OUT_DIR: str(out_dir.resolve())})
     toml = write_run_config(out_dir / "run_config.toml", values)
-    proc = _flwr(home, "run", str(APP_DIR), CONNECTION, "--run-config", str(toml), "--format", "json")
+    proc = flwr(home, "run", str(APP_DIR), CONNECTION, "--run-config", str(toml), "--format", "json")
     if proc.returncode != 0:
         raise RuntimeError(f"flwr run failed: {(proc.stdout + proc.stderr).strip()[-2000:]}")
     run_id = str(json.loads(proc.stdout)["run-id"])
@@ -99,7 +89,7 @@ def wait(cfg: Config, out_dir: Path, run_id: str) -> str:
         if status.startswith("finished"):
             return status
         time.sleep(3)
-    _flwr(home, "stop", run_id, CONNECTION)
+    flwr(home, "stop", run_id, CONNECTION)
     return "timed out (stopped)"
 
 
@@ -115,7 +105,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     status = wait(cfg, out_dir, run_id)
     if status != "finished:completed" or not (out_dir / SUMMARY).exists():
-        logs = _flwr(out_dir / "flwr-home", "log", run_id, CONNECTION, "--show")
+        logs = flwr(out_dir / "flwr-home", "log", run_id, CONNECTION, "--show")
         log.error("run %s ended %s; its log:\n%s", run_id, status, logs.stdout[-5000:])
         sys.exit(1)
     print_summary(json.loads((out_dir / SUMMARY).read_text()), out_dir)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from fl.deploy.flower import CONNECTION, flower_env, tool, wait_for_tls, write_connection
+from fl.deploy.flower import CONNECTION, flower_env, flwr, tool, wait_for_tls, write_connection
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def _home(state: Path) -> Path:
 
 
 def _flwr(state: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("flwr"), *args], env=flower_env(_home(state)), capture_output=True, text=True,
-                          timeout=120)
+    return flwr(_home(state), *args)
 
 
 def allow(state: Path, key: Path) -> bool:

@@ -8,9 +8,11 @@ role gets its own ``FLWR_HOME`` (the ``flwr`` CLI's SuperLink connections, insta
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,12 +34,23 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (a JSON string with non-ASCII escaped is one)."""
+    return json.dumps(value)
+
+
+def flwr(flwr_home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI with ``FLWR_HOME=flwr_home``; output captured as text."""
+    return subprocess.run([tool("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:
     """Point the ``flwr`` CLI (with ``FLWR_HOME=flwr_home``) at a TLS SuperLink, as :data:`CONNECTION`."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{Path(root_cert).resolve()}"\n', encoding="utf-8")
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {toml_string(address)}\n'
+        f'root-certificates = {toml_string(str(Path(root_cert).resolve()))}\n', encoding="utf-8")
 
 
 def wait_for_tls(address: str, root_cert: Path, timeout: float) -> None:
