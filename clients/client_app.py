@@ -5,7 +5,9 @@ Opacus DP-SGD when sample-level privacy is on -- and replies with its model *upd
 under local user-level DP, noised) and a few scalars. The epsilon it reports covers every round it
 ever trained in, and it declines rounds past its own budget. On ``evaluate`` it reports WER/CER of the global model
 on its local test split, and its current epsilon. Every reply passes ``outbound_guard``.
-The DP-SGD ledger is a file on the device (``clients/budget.py``), written before the reply.
+The DP-SGD ledger is a file on the device (``clients/budget.py``), written before the reply; a
+round asked again after a server restart is answered as ``clients/replay.py`` says. On ``query``
+the device names itself with its stable key, so a resumed server finds the same devices.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import budget
+from clients import budget, replay
 from clients.faults import Faults
 from clients.guard import outbound_guard
 from clients.history import append_round
@@ -30,7 +32,7 @@ from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacy
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
-from fl.privacy.sample import SampleAccount, dp_sgd_round, sample_rate
+from fl.privacy.sample import History, SampleAccount, dp_sgd_round, sample_rate
 from fl.privacy.update import model_delta, privatize_update
 from fl.train import evaluate, freeze_except, plain_round
 
@@ -43,6 +45,10 @@ class DeviceStore(Protocol):
     def data(self, context: Context) -> DeviceData: ...
 
     def state(self, context: Context) -> Path: ...
+
+    def key(self, context: Context) -> int:
+        """A number that names this device across restarts (see ``server/devices.py``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -72,16 +78,24 @@ def _privacy_metrics(account: SampleAccount, cfg: SamplePrivacyConfig) -> dict[s
             P.NOISE_MULTIPLIER: z, P.MAX_GRAD_NORM: cfg.max_grad_norm}
 
 
-def _train(settings: DeviceSettings, msg: Message, context: Context, device: DeviceData, state: Path,
+def _declined(msg: Message, metrics: dict[str, float | int]) -> Message:
+    return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1, **metrics})}), reply_to=msg)
+
+
+def _train(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore,
            tokenizer: CharTokenizer) -> Message:
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])
+    device, state = store.data(context), store.state(context)
     if not device.train:
         log.warning("device %s has no usable training recordings: declining round %d", device.device_id,
                     server_round)
-        return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
+        return _declined(msg, {})
     settings.faults.before_training(context, settings.seed, server_round)
-    seed = settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1_000_003)
+    seed = settings.seed * 1_000_003 + server_round * 1009 + store.key(context) % 1_000_003
+    this_round = replay.round_key(server_round, msg.content[P.ARRAYS])
+    previous = replay.load(state)
+    repeat = previous is not None and previous.round_key == this_round
     torch.manual_seed(seed)
     model = _model(settings, msg, tokenizer)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -90,8 +104,12 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
     metrics: dict[str, float | int] = {} if settings.user else {P.NUM_EXAMPLES: len(device.train)}
     dp = settings.sample
     ledger = state / budget.LEDGER
+    before: Optional[History] = None
     if dp is not None:
         account = budget.load_account(ledger, dp.accountant)
+        if repeat and previous.history_before is not None:  # type: ignore[union-attr]
+            account.history = list(previous.history_before)  # type: ignore[union-attr]
+        before = list(account.history)
         rate = sample_rate(len(device.train), settings.train.batch_size)
         sigma = budget.noise_multiplier(ledger, dp, rate, settings.train.local_steps,
                                         int(config[P.PLANNED_ROUNDS]), float(config[P.PARTICIPATION]))
@@ -100,17 +118,14 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
             log.warning("device %s: privacy budget spent (epsilon %.3f, max %s): declining round %d",
                         device.device_id, spent, dp.max_epsilon, server_round)
             budget.record_budget_spent(state, spent, dp, server_round)
-            reply = {P.DECLINED: 1, **_privacy_metrics(account, dp)}
-            return Message(content=RecordDict({P.METRICS: MetricRecord(reply)}), reply_to=msg)
+            return _declined(msg, _privacy_metrics(account, dp))
         stats = dp_sgd_round(model, device.train, settings.train, dp, account, tokenizer.blank,
                              settings.model.n_mels, seed, noise_multiplier=sigma)
-        budget.save_account(ledger, account, sigma)
         metrics |= {P.EMPTY_STEPS: stats.empty_steps, **_privacy_metrics(account, dp)}
     else:
         loss = plain_round(model, device.train, settings.train, tokenizer.blank, settings.model.n_mels, seed)
         if settings.user is None:  # a training loss is not covered by any DP guarantee: only without DP
             metrics[P.TRAIN_LOSS] = loss
-    append_round(state, server_round, settings.train.local_steps, len(device.train))
     update = model_delta(model.state_dict(), base)
     if settings.user is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -119,9 +134,19 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, device: Dev
                                        secure=bool(dp and dp.secure_mode))
         if bit is not None:
             metrics[P.CLIP_BIT] = bit
+    arrays, record = ArrayRecord(update), MetricRecord(metrics)
+    digest = replay.reply_digest(arrays, record)
+    if repeat and digest != previous.digest:  # type: ignore[union-attr]
+        log.warning("device %s: round %d was asked again after a server restart and this reply differs from "
+                    "the first one: declining (the first reply stays counted)", device.device_id, server_round)
+        return _declined(msg, _privacy_metrics(budget.load_account(ledger, dp.accountant), dp) if dp else {})
+    if dp is not None:
+        budget.save_account(ledger, account, sigma)
+    replay.save(state, replay.Release(this_round, digest, before))
+    if not repeat:
+        append_round(state, server_round, settings.train.local_steps, len(device.train))
     settings.faults.after_training(context, settings.seed, server_round)
-    content = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: record}), reply_to=msg)
 
 
 def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Optional[str] = None) -> ClientApp:
@@ -145,10 +170,15 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     def train(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         torch.set_num_threads(settings.threads)
-        reply = _train(settings, msg, context, store.data(context), store.state(context), tokenizer)
+        reply = _train(settings, msg, context, store, tokenizer)
         if reply.has_content() and P.METRICS in reply.content:
             reply.content[P.METRICS][P.SECONDS] = time.perf_counter() - started
         return reply
+
+    @app.query(mods=evaluate_mods)
+    def query(msg: Message, context: Context) -> Message:
+        return Message(content=RecordDict({P.METRICS: MetricRecord({P.DEVICE_KEY: store.key(context)})}),
+                       reply_to=msg)
 
     @app.evaluate(mods=evaluate_mods)
     def evaluate_(msg: Message, context: Context) -> Message:

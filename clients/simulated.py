@@ -1,4 +1,8 @@
-"""Simulated devices: the fleet file of this node's ``partition-id`` and a state folder beside it."""
+"""Simulated devices: the fleet file of this node's ``partition-id`` and a state folder beside it.
+
+A simulated device's key is its partition id: the same device (data, state folder, seeds) in every
+start of the simulation, whatever node id Flower gives it.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ class SimulatedDevices:
         return load_device(self.root, int(context.node_config["partition-id"]))
 
     def state(self, context: Context) -> Path:
-        return state_dir(self.root, int(context.node_config["partition-id"]))
+        return state_dir(self.root, self.key(context))
+
+    def key(self, context: Context) -> int:
+        return int(context.node_config["partition-id"])
 
 
 def state_dir(root: str, partition_id: int) -> Path:

@@ -30,6 +30,7 @@ from fl.data.prepare import DataNotFound, prepare_server_data
 from fl.data.text import CharTokenizer
 from fl.deploy.flower import CONNECTION, flwr, toml_string, write_connection
 from fl.pretrain import pretrain_seed
+from server import checkpoint
 from server.results import RESULTS, SUMMARY
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def submit(cfg: Config, out_dir: Path, resolved: dict) -> str:
     """Prepare the server's inputs, start the run; returns its Flower run id."""
     if not cfg.deploy.root_cert or not Path(cfg.deploy.root_cert).is_file():
         raise FileNotFoundError(f"deploy.root_cert={cfg.deploy.root_cert}: the SuperLink's CA certificate is needed")
+    checkpoint.check_out_dir(out_dir, resolved, cfg.resume)
     tokenizer = CharTokenizer()
     data = prepare_server_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
     seed = pretrain_seed(cfg.model, cfg.pretrain, data.public_train, data.public_dev, tokenizer,

@@ -28,6 +28,7 @@ from experiments.inputs import build_inputs, run_audit
 from fl.config import Config, register_configs, validate
 from fl.data.fleet import write_fleet
 from fl.data.prepare import DataNotFound, check_paths
+from server import checkpoint
 from server.results import SUMMARY
 from server.server_app import ServerSettings, make_server_app
 
@@ -40,6 +41,11 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     """Run one simulation (and the leakage audit, if configured); returns the summary it wrote."""
     from flwr.simulation import run_simulation
 
+    try:
+        checkpoint.check_out_dir(out_dir, resolved, cfg.resume)
+    except ValueError as err:
+        log.error("%s", err)
+        sys.exit(2)
     inputs = build_inputs(cfg, out_dir)
     fleet = out_dir / "fleet"
     ids = write_fleet(inputs.devices, fleet)
@@ -54,6 +60,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
         eval_examples=str(fleet / "held_out.pt"), config=resolved, sampling=fed.sampling,
         sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
         user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
+        resume=cfg.resume,
     )
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:

@@ -229,6 +229,8 @@ class Config:
 
     name: str = "default"
     seed: int = 0
+    resume: bool = False
+    """Continue the interrupted run whose folder ``hydra.run.dir`` names, from its last committed round."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

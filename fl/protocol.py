@@ -36,3 +36,6 @@ PARTICIPATION = "participation"
 # more metric keys returned by devices
 DECLINED = "declined"
 CLIP_BIT = "clip-bit"
+
+# the reply to the server's QUERY at the start of a run: the device's stable key (see server/devices.py)
+DEVICE_KEY = "device-key"

@@ -66,6 +66,13 @@ class ResultsWriter:
             f.write(json.dumps({k: _clean(v) for k, v in asdict(row).items()}) + "\n")
             f.flush()
 
+    def restore(self, rows: list[RoundRow]) -> None:
+        """Start over from the committed ``rows`` of an interrupted run (dropping any row written after)."""
+        self.path.write_text("")
+        self.rows = []
+        for row in rows:
+            self.append(row)
+
     def write_summary(self, summary: dict[str, Any]) -> Path:
         return write_summary(self.out_dir, summary)
 

@@ -29,7 +29,11 @@ def exchange(
     grid: Grid, nodes: list[int], message_type: str, arrays: ArrayRecord, server_round: int,
     timeout: float, config: dict[str, Any],
 ) -> Replies:
-    """Send the global ``arrays`` and ``config`` to ``nodes`` and wait for replies (up to ``timeout`` s)."""
+    """Send the global ``arrays`` and ``config`` to ``nodes`` and wait for replies (up to ``timeout`` s).
+
+    Replies come back in the order of ``nodes`` whatever order they arrived in, so what is computed
+    from them (sums of floats) does not depend on timing.
+    """
     content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round, **config})})
     messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
     out = Replies()
@@ -43,6 +47,8 @@ def exchange(
             out.failed.append(node)
         else:
             out.ok.append(reply)
+    order = {n: i for i, n in enumerate(nodes)}
+    out.ok.sort(key=lambda m: order.get(m.metadata.src_node_id, len(order)))
     answered = {m.metadata.src_node_id for m in out.ok} | set(out.failed)
     out.failed += [n for n in nodes if n not in answered]
     return out

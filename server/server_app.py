@@ -5,7 +5,9 @@ they send back (example-weighted FedAvg, or the user-level DP average of ``serve
 evaluate the new global model on held-out speakers (server side) and, every ``device_eval_every``
 rounds and after the last, on every device's local test split (federated evaluation), checkpoint
 it, and append a row to ``results.jsonl`` with the privacy spent so far. A user-level budget
-(``max_epsilon``) stops the run before a round that would exceed it.
+(``max_epsilon``) stops the run before a round that would exceed it. Every round is committed to
+``checkpoints/server-state.pt`` before it is published, and ``resume`` continues from there
+(``server/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +31,9 @@ from fl.model.conformer import ConformerCTC
 from fl.privacy.secagg import clipping_range_for
 from fl.privacy.user import noise_std_per_device
 from fl.train import evaluate as evaluate_model
-from server import rounds
+from server import checkpoint, rounds
 from server.aggregate import fedavg
+from server.devices import Devices, identify
 from server.ledger import SampleLedger
 from server.results import ResultsWriter, RoundRow
 from server.sampling import participation_rate, sample_cohort
@@ -57,6 +60,7 @@ class ServerSettings:
     user: Optional[UserPrivacyConfig] = None
     max_epsilon: Optional[float] = None
     device_eval_every: int = 1
+    resume: bool = False
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -84,12 +88,12 @@ class RoundOutcome:
 
 
 def _plain_round(
-    grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger,
+    grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger, devices: Devices,
     cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
 ) -> tuple[ArrayRecord, RoundOutcome]:
     """Devices reply with their updates in clear; FedAvg them, or average them privately (user-level)."""
-    replies = rounds.train(grid, cohort, arrays, r, s.round_timeout, extra)
-    ledger.update(replies)
+    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, extra)
+    ledger.update(replies, devices.key_of)
     usable = [m for m in replies.ok if P.ARRAYS in m.content]
     updates = [m.content[P.ARRAYS].to_torch_state_dict() for m in usable]
     if user:
@@ -105,18 +109,18 @@ def _plain_round(
 
 
 def _secure_round(
-    grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger,
+    grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger, devices: Devices,
     cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
 ) -> tuple[ArrayRecord, RoundOutcome]:
     """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is averaged."""
     reference = arrays.to_torch_state_dict()
     numel = sum(v.numel() for v in reference.values() if v.is_floating_point())
     std = noise_std_per_device("distributed", user.z_update, user.clip_norm, user.cfg.secure_threshold)
-    result = secure_sum(grid, cohort, arrays, r, extra, s.round_timeout,
+    result = secure_sum(grid, devices.nodes(cohort), arrays, r, extra, s.round_timeout,
                         clipping_range=clipping_range_for(user.clip_norm, std, numel, max(1, len(cohort))),
                         min_contributors=user.cfg.secure_threshold)
     for node, metrics in result.metrics.items():
-        ledger.report(node, metrics)
+        ledger.report(devices.key_of(node), metrics)
     arrays = _apply(arrays, user.aggregate([result.total] if result.total is not None else [], reference, []))
     declined = sum(1 for m in result.metrics.values() if m.get(P.DECLINED))
     return arrays, RoundOutcome(len(result.contributed) - declined, declined, len(result.failed))
@@ -125,6 +129,7 @@ def _secure_round(
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl."""
     out = Path(s.out_dir)
+    resumed = checkpoint.resumable(out, s.config) if s.resume else None
     tokenizer = CharTokenizer()
     model = ConformerCTC(s.model, tokenizer.vocab_size)
     model.load_state_dict(torch.load(s.initial_weights, weights_only=False)["state_dict"])
@@ -136,6 +141,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout)
     if not nodes:
         raise RuntimeError("no devices connected: nothing to train on")
+    devices = identify(grid, nodes, s.round_timeout)
     participation = participation_rate(s.clients_per_round, len(nodes))
     user = (UserLevelDP(s.user, len(nodes), s.clients_per_round, s.sampling, s.rounds, s.seed)
             if s.user else None)
@@ -149,11 +155,10 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
         dwer = dcer = None
         if r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0):
-            fed = rounds.evaluate(grid, nodes, arrays, r, s.round_timeout, {})
-            ledger.update(fed)
+            fed = rounds.evaluate(grid, devices.nodes(devices.keys), arrays, r, s.round_timeout, {})
+            ledger.update(fed, devices.key_of)
             dwer, dcer = rounds.pooled_error_rates(fed)
         o = outcome or RoundOutcome()
-        torch.save({"round": r, "state_dict": model.state_dict()}, out / "checkpoints" / f"round-{r:03d}.pt")
         return RoundRow(
             round=r, wer=central.wer, cer=central.cer, loss=central.loss, device_wer=dwer, device_cer=dcer,
             train_loss=sum(o.losses) / len(o.losses) if o.losses else None,
@@ -164,26 +169,52 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             seconds=time.perf_counter() - started,
         )
 
+    def commit(row: RoundRow) -> None:
+        """Checkpoint the server's whole state, then publish the round (model checkpoint, results row)."""
+        rows = [asdict(r) for r in writer.rows] + [asdict(row)]
+        checkpoint.save(out, checkpoint.ServerState(
+            round=row.round, arrays=arrays.to_torch_state_dict(), rng=rng.getstate(), rows=rows,
+            sample=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config))
+        publish(row)
+
+    def publish(row: RoundRow) -> None:
+        torch.save({"round": row.round, "state_dict": arrays.to_torch_state_dict()},
+                   out / "checkpoints" / f"round-{row.round:03d}.pt")
+        writer.append(row)
+
+    if resumed is None:
+        commit(measure(0, time.perf_counter(), None))
+        first = 1
+    else:
+        arrays = ArrayRecord(resumed.arrays)
+        rng.setstate(resumed.rng)
+        ledger.load_state_dict(resumed.sample)
+        if user and resumed.user:
+            user.load_state_dict(resumed.user)
+        rows = [RoundRow(**r) for r in resumed.rows]
+        writer.restore(rows[:-1])
+        publish(rows[-1])  # again: the interruption may have come between commit and publish
+        first = resumed.round + 1
+        log.info("resuming after round %d of %d from %s", resumed.round, s.rounds, checkpoint.state_path(out))
     with Progress() as progress:
-        bar = progress.add_task("federated rounds", total=s.rounds)
-        writer.append(measure(0, time.perf_counter(), None))
-        for r in range(1, s.rounds + 1):
+        bar = progress.add_task("federated rounds", total=s.rounds, completed=first - 1)
+        for r in range(first, s.rounds + 1):
             if user and s.max_epsilon is not None and user.epsilon(r) > s.max_epsilon:
                 stopped = f"round {r} would take user-level epsilon to {user.epsilon(r):.3f} > {s.max_epsilon}"
                 log.warning("budget stop: %s", stopped)
                 break
             started = time.perf_counter()
-            cohort = sample_cohort(nodes, s.clients_per_round, s.sampling, rng)
+            cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, rng)
             extra = {P.PLANNED_ROUNDS: s.rounds, P.PARTICIPATION: participation}
             if user:
                 extra |= user.device_config()
             ledger.sent_training(cohort)
             if user and user.secure:
-                arrays, outcome = _secure_round(grid, s, user, ledger, cohort, arrays, r, extra)
+                arrays, outcome = _secure_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
             else:
-                arrays, outcome = _plain_round(grid, s, user, ledger, cohort, arrays, r, extra)
+                arrays, outcome = _plain_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
             row = measure(r, started, outcome)
-            writer.append(row)
+            commit(row)
             log.info("round %d: WER %.3f, device WER %s, eps sample %s user %s (%d updates, %d declined, %d failed)",
                      r, row.wer, row.device_wer, row.epsilon_sample, row.epsilon_user, row.clients, row.declined,
                      row.failures)
@@ -194,6 +225,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         "seed_model": _scores(seed),
         "final": _scores(final),
         "rounds": final.round,
+        "resumed_after": resumed.round if resumed else None,
         "stopped_early": stopped,
         "seconds": sum(row.seconds for row in writer.rows),
         "privacy": {"sample": ledger.block(), "user": user.block() if user else None},

@@ -107,6 +107,17 @@ class UserLevelDP:
         self.rounds += 1
         return {k: (v / self.sim_cohort).to(reference[k].dtype) for k, v in total.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What changes round to round: rounds accounted, the noise generator, the adaptive clip norm."""
+        return {"rounds": self.rounds, "generator": self.generator.get_state(),
+                "clip_norm": self.adaptive.clip_norm if self.adaptive else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rounds = int(state["rounds"])
+        self.generator.set_state(state["generator"])
+        if self.adaptive:
+            self.adaptive.clip_norm = float(state["clip_norm"])
+
     def block(self) -> dict[str, Any]:
         """The summary's ``privacy.user``: every figure needed to recompute epsilon."""
         return {

@@ -42,7 +42,7 @@ def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
 
 def test_run_dir_holds_checkpoints_and_the_printed_table(smoke_run):
     ckpts = sorted(p.name for p in (smoke_run / "run" / "checkpoints").iterdir())
-    assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt", "server-state.pt"]
     out = (smoke_run / "stdout.txt").read_text()
     assert "seed (public only)" in out and "epsilon" in out
 
@@ -56,12 +56,14 @@ def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
     cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
     shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
     rows = [json.loads(line) for f in (run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert {r["type"] for r in rows} == {"train", "evaluate"}
+    assert {r["type"] for r in rows} == {"query", "train", "evaluate"}
     assert sum(r["type"] == "train" for r in rows) == 2 * 4  # every training reply of the run was seen
     for r in rows:
         assert set(r["records"]) <= {"arrays", "metrics"}
         if r["type"] == "train":
             assert r["arrays"] == shapes  # the whole update, exactly the model's arrays and shapes
+        elif r["type"] == "query":
+            assert r["metrics"] == {"device-key": "int"}  # the device's key, nothing else
         else:
             assert r["arrays"] is None
         assert set(r["metrics"]) <= ALLOWED_METRICS and set(r["metrics"].values()) <= {"int", "float"}

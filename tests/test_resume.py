@@ -1,0 +1,164 @@
+"""Checkpoint and resume: a run killed mid-round and resumed ends exactly as an uninterrupted one.
+
+Also: a device asked a round again (after the server restarted) never spends twice unnoticed, and
+a run folder is never started over or resumed with another config.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from clients import budget, replay
+from clients.client_app import DeviceSettings, _train
+from clients.history import rounds_trained
+from fl import protocol as P
+from fl.config import SamplePrivacyConfig, TrainConfig
+from fl.data.fleet import DeviceData
+from fl.data.text import CharTokenizer
+from fl.model.conformer import ConformerCTC
+from server import checkpoint
+from tests.conftest import ROOT, TINY, fake_examples, simulate
+
+# Two rounds of four devices on two actors; every device sleeps 1 s before training, so a kill
+# once the first device of round 2 has trained lands before round 2 is committed.
+RUN = ("federation.rounds=2", "privacy=both", "federation.slow_devices=1", "federation.slow_seconds=1")
+
+
+@dataclass(frozen=True)
+class OneDevice:
+    root: Path
+    examples: list
+
+    def data(self, context: Context) -> DeviceData:
+        return DeviceData("d0", self.examples, [])
+
+    def state(self, context: Context) -> Path:
+        return self.root
+
+    def key(self, context: Context) -> int:
+        return 0
+
+
+def _message(server_round: int, arrays: ArrayRecord) -> tuple[Message, Context]:
+    config = ConfigRecord({P.ROUND: server_round, P.PLANNED_ROUNDS: 3, P.PARTICIPATION: 1.0})
+    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    msg = Message(content=RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), metadata=meta)
+    return msg, Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+
+def _device(tmp_path: Path, secure_mode: bool) -> tuple[DeviceSettings, OneDevice, ArrayRecord]:
+    sample = SamplePrivacyConfig(noise_multiplier=1.0, secure_mode=secure_mode)
+    settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4), sample, None, seed=3)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
+    return settings, OneDevice(tmp_path, fake_examples(12)), arrays
+
+
+def _steps(state: Path) -> int:
+    return budget.load_account(state / budget.LEDGER, "rdp").steps
+
+
+def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp_path):
+    settings, store, arrays = _device(tmp_path, secure_mode=False)
+    tok = CharTokenizer()
+    first = _train(settings, *_message(1, arrays), store, tok)
+    assert _steps(tmp_path) == 2
+    again = _train(settings, *_message(1, arrays), store, tok)
+    a, b = first.content[P.ARRAYS].to_torch_state_dict(), again.content[P.ARRAYS].to_torch_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert dict(first.content[P.METRICS]) == dict(again.content[P.METRICS])
+    assert _steps(tmp_path) == 2 and rounds_trained(tmp_path) == [1]
+    # a new round, or the same round number with another global model, is a new release
+    _train(settings, *_message(2, arrays), store, tok)
+    assert _steps(tmp_path) == 4 and rounds_trained(tmp_path) == [1, 2]
+    moved = ArrayRecord({k: v + 0.01 for k, v in arrays.to_torch_state_dict().items()})
+    _train(settings, *_message(2, moved), store, tok)
+    assert _steps(tmp_path) == 6
+
+
+def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_counted(tmp_path):
+    settings, store, arrays = _device(tmp_path, secure_mode=True)  # OS randomness: never the same twice
+    tok = CharTokenizer()
+    first = _train(settings, *_message(1, arrays), store, tok)
+    eps = float(first.content[P.METRICS][P.EPSILON_SAMPLE])
+    again = _train(settings, *_message(1, arrays), store, tok)
+    assert P.ARRAYS not in again.content and again.content[P.METRICS][P.DECLINED] == 1
+    assert float(again.content[P.METRICS][P.EPSILON_SAMPLE]) == eps and _steps(tmp_path) == 2
+    assert replay.load(tmp_path).round_key == replay.round_key(1, arrays)
+
+
+def test_a_crash_between_ledger_and_release_record_counts_the_round_twice(tmp_path):
+    settings, store, arrays = _device(tmp_path, secure_mode=False)
+    tok = CharTokenizer()
+    _train(settings, *_message(1, arrays), store, tok)
+    (tmp_path / replay.RELEASE).unlink()  # as if the device died after writing its ledger
+    _train(settings, *_message(1, arrays), store, tok)
+    assert _steps(tmp_path) == 4
+
+
+def test_config_mismatch_names_the_keys_and_resume_is_exempt():
+    saved = {"seed": 0, "resume": False, "train": {"lr": 0.001, "batch_size": 8}}
+    assert checkpoint.mismatch(saved, {**saved, "resume": True}) == []
+    assert checkpoint.mismatch(saved, {"seed": 1, "resume": True, "train": {"lr": 0.002, "batch_size": 8}}) == [
+        "seed", "train.lr"]
+
+
+def _kill_mid_round_2(out: Path, cache: Path) -> None:
+    """Start the simulation, SIGKILL its whole process group once a device has trained in round 2."""
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    cmd = [sys.executable, "-m", "experiments.simulate", "experiment=smoke", f"data.cache_dir={cache}",
+           f"hydra.run.dir={out}", *RUN]
+    with open(out.parent / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not any(2 in rounds_trained(d) for d in (out / "fleet" / "state").glob("device-*")):
+            assert proc.poll() is None, (out.parent / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no device trained in round 2 within 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(tmp_path, sim_cache):
+    whole = simulate(tmp_path / "whole", sim_cache, *RUN) / "run"
+    cut = tmp_path / "cut" / "run"
+    cut.parent.mkdir()
+    _kill_mid_round_2(cut, sim_cache)
+    assert checkpoint.load(cut).round == 1  # killed inside round 2, after devices had trained and spent
+    assert len(_rows(cut)) == 2
+    with pytest.raises(AssertionError, match="already holds a run"):  # never started over by mistake
+        simulate(tmp_path / "cut", sim_cache, *RUN)
+    with pytest.raises(AssertionError, match="config differs .* seed"):
+        simulate(tmp_path / "cut", sim_cache, *RUN, "resume=true", "seed=1")
+    simulate(tmp_path / "cut", sim_cache, *RUN, "resume=true")
+    assert "resuming after round 1 of 2" in (tmp_path / "cut" / "stdout.txt").read_text() + \
+        "".join(p.read_text() for p in cut.glob("*.log"))
+    assert _rows(cut) == _rows(whole) and len(_rows(cut)) == 3
+    a = torch.load(whole / "checkpoints" / "round-002.pt", weights_only=False)["state_dict"]
+    b = torch.load(cut / "checkpoints" / "round-002.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s_whole, s_cut = (json.loads((r / "summary.json").read_text()) for r in (whole, cut))
+    assert s_cut["privacy"] == s_whole["privacy"] and s_cut["final"] == s_whole["final"]
+    assert s_cut["resumed_after"] == 1 and s_whole["resumed_after"] is None
+    # every device's privacy ledger and round history as if nothing had happened
+    for device in sorted((whole / "fleet" / "state").glob("device-*")):
+        twin = cut / "fleet" / "state" / device.name
+        assert (twin / budget.LEDGER).read_text() == (device / budget.LEDGER).read_text()
+        assert rounds_trained(twin) == rounds_trained(device)
