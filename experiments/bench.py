@@ -13,13 +13,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
-from fl.config import ModelConfig
+from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
 from fl.data.features import Batch
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
+from fl.privacy.sample import make_private, private_step
 from fl.train import ctc_losses
 
 
@@ -53,14 +52,12 @@ def dp_step(repeats: int = 10, batch_size: int = 16, seconds: float = 4.0) -> di
         ctc_losses(model, batch, blank).mean().backward()
         plain_opt.step()
 
-    gsm = GradSampleModule(ConformerCTC(cfg, CharTokenizer().vocab_size), batch_first=True, loss_reduction="mean")
-    dp_opt = DPOptimizer(torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=1.0, max_grad_norm=1.0,
-                         expected_batch_size=batch_size, loss_reduction="mean")
+    torch.manual_seed(0)
+    gsm, dp_opt = make_private(ConformerCTC(cfg, CharTokenizer().vocab_size), TrainConfig(lr=1e-4),
+                               SamplePrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0), batch_size, seed=0)
 
     def private() -> None:
-        dp_opt.zero_grad(set_to_none=True)
-        ctc_losses(gsm, batch, blank).mean().backward()
-        dp_opt.step()
+        private_step(gsm, dp_opt, batch, blank)
 
     non_dp = _time(plain, 2, repeats)
     dp = _time(private, 2, repeats)

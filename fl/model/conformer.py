@@ -56,14 +56,25 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+class DepthwiseConv1d(nn.Conv1d):
+    """A depthwise, length-preserving ``nn.Conv1d`` (one filter per channel, stride 1, odd kernel).
+
+    Its own type lets DP-SGD use a per-sample gradient rule that exploits the depthwise structure
+    (``fl/privacy/grad_samplers.py``) instead of Opacus' generic grouped-convolution one.
+    """
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        if kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd, got {kernel}")
+        super().__init__(channels, channels, kernel, padding=kernel // 2, groups=channels)
+
+
 class ConvModule(nn.Module):
     def __init__(self, d: int, kernel: int, dropout: float) -> None:
         super().__init__()
-        if kernel % 2 == 0:
-            raise ValueError(f"conv_kernel must be odd, got {kernel}")
         self.norm = nn.LayerNorm(d)
         self.pointwise_in = nn.Linear(d, 2 * d)
-        self.depthwise = nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=d)
+        self.depthwise = DepthwiseConv1d(d, kernel)
         self.frame_norm = nn.LayerNorm(d)
         self.pointwise_out = nn.Linear(d, d)
         self.drop = nn.Dropout(dropout)

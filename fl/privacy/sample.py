@@ -15,8 +15,7 @@ It says nothing about a device's identity or its data as a whole: that is user-l
 from __future__ import annotations
 
 import random
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -26,7 +25,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fl.config import SamplePrivacyConfig, TrainConfig
-from fl.data.features import Example, collate
+from fl.data.features import Batch, Example, collate
+from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
 from fl.train import ctc_losses
 
 History = list[tuple[float, float, int]]
@@ -70,6 +70,39 @@ class DPRoundStats:
     sample_rate: float
 
 
+def make_private(model: nn.Module, train: TrainConfig, privacy: SamplePrivacyConfig, expected_batch_size: int,
+                 seed: int, noise_multiplier: float | None = None) -> tuple[GradSampleModule, DPOptimizer]:
+    """Wrap ``model`` for per-sample gradients and AdamW in Opacus' DP optimizer (clip, then noise)."""
+    gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(
+            [p for p in gs_model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
+        ),
+        noise_multiplier=privacy.noise_multiplier if noise_multiplier is None else noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=None if privacy.secure_mode else torch.Generator().manual_seed(seed),
+        secure_mode=privacy.secure_mode,
+    )
+    return gs_model, optimizer
+
+
+def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, batch: Batch, blank: int) -> float:
+    """One DP-SGD step on ``batch``: per-sample gradients, clipped, summed and noised; returns the loss.
+
+    Only the per-sample gradients are used, so autograd is asked for the features' gradient
+    alone: it then skips the parameters' summed gradients (wasted work), while Opacus' hooks still
+    receive every layer's output gradient.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    feats = batch.feats.detach().requires_grad_()
+    loss = ctc_losses(gs_model, replace(batch, feats=feats), blank).mean()
+    loss.backward(inputs=[feats])
+    optimizer.step()
+    return loss.item()
+
+
 def dp_sgd_round(
     model: nn.Module,
     examples: Sequence[Example],
@@ -92,18 +125,7 @@ def dp_sgd_round(
         raise ValueError("DP-SGD needs at least one training example")
     rate = sample_rate(n, train.batch_size)
     rng: random.Random = random.SystemRandom() if privacy.secure_mode else random.Random(seed)
-    gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(
-            [p for p in gs_model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
-        ),
-        noise_multiplier=privacy.noise_multiplier if noise_multiplier is None else noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=max(1, round(rate * n)),
-        loss_reduction="mean",
-        generator=None if privacy.secure_mode else torch.Generator().manual_seed(seed),
-        secure_mode=privacy.secure_mode,
-    )
+    gs_model, optimizer = make_private(model, train, privacy, max(1, round(rate * n)), seed, noise_multiplier)
     acc = create_accountant(account.accountant)
     acc.history = [tuple(h) for h in account.history]
     optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=rate))
@@ -112,22 +134,16 @@ def dp_sgd_round(
     empty = 0
     params = [p for p in gs_model.parameters() if p.requires_grad]
     for _ in range(train.local_steps):
-        optimizer.zero_grad(set_to_none=True)
         idx = poisson_batch(n, rate, rng)
         if idx:
-            batch = collate([examples[i] for i in idx], n_mels)
-            loss = ctc_losses(gs_model, batch, blank).mean()
-            with warnings.catch_warnings():
-                # Opacus' hooks fire on module outputs because the features need no gradient.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            losses.append(loss.item())
+            losses.append(private_step(gs_model, optimizer, collate([examples[i] for i in idx], n_mels), blank))
         else:
             # An empty Poisson batch is still a step of the mechanism: noise only, counted.
             empty += 1
+            optimizer.zero_grad(set_to_none=True)
             for p in params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-        optimizer.step()
+            optimizer.step()
     account.history = [tuple(h) for h in acc.history]
     gs_model.to_standard_module()
     return DPRoundStats(
