@@ -1,16 +1,33 @@
-"""`unheard-bench`: speed figures, printed and written to bench.json.
+"""`unheard-bench`: speed and memory figures, printed and written to bench.json.
 
-dp_step: seconds per training step of the default model on a batch of 16 utterances of 4 s,
-non-private (AdamW) vs DP-SGD (Opacus per-sample gradients, clipping and noise), and their ratio.
+* ``dp_step_ratio``: seconds per DP-SGD step (the production step, ``fl/privacy/sample.py``)
+  over seconds per non-private AdamW step, default model, a batch of 16 utterances of 4 s.
+  Also reported without dropout, whose random masks cost both steps alike.
+* ``sim_overhead``: 1 - (device training seconds) / (actors x round wall time), for a round of
+  16 devices of the default model with DP-SGD: the share of the round in which the simulation's
+  actors did not train (messaging, model loading, aggregation, evaluation, checkpointing).
+* ``rss_gb_10k``: peak memory (sum of the proportional set size, PSS, of the simulation's whole
+  process tree: driver, Ray and its actors) of one round of a 10,000-device population with a
+  cohort of 50.
+* ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
+  synthesising the corpus, pretraining the seed model, the federated run.
+
+The simulations run the real entry point in a child process; their outputs go to a temporary
+folder. ``--only`` picks figures (the 10k and demo runs take minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +37,10 @@ from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.privacy.sample import make_private, private_step
 from fl.train import ctc_losses
+from server.results import read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("dp_step", "sim_overhead", "rss_10k", "demo")
 
 
 def _batch(cfg: ModelConfig, size: int, seconds: float, chars: int) -> Batch:
@@ -30,7 +51,7 @@ def _batch(cfg: ModelConfig, size: int, seconds: float, chars: int) -> Batch:
                  tokens, torch.full((size,), chars))
 
 
-def _time(step, warmup: int, repeats: int) -> float:
+def _time(step: Callable[[], object], warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         step()
     started = time.perf_counter()
@@ -39,8 +60,7 @@ def _time(step, warmup: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def dp_step(repeats: int = 10, batch_size: int = 16, seconds: float = 4.0) -> dict[str, float]:
-    cfg = ModelConfig()
+def _step_seconds(cfg: ModelConfig, repeats: int, batch_size: int, seconds: float) -> tuple[float, float]:
     blank = CharTokenizer().blank
     batch = _batch(cfg, batch_size, seconds, chars=60)
     torch.manual_seed(0)
@@ -55,23 +75,131 @@ def dp_step(repeats: int = 10, batch_size: int = 16, seconds: float = 4.0) -> di
     torch.manual_seed(0)
     gsm, dp_opt = make_private(ConformerCTC(cfg, CharTokenizer().vocab_size), TrainConfig(lr=1e-4),
                                SamplePrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0), batch_size, seed=0)
+    # alternate the two so that a slow spell of the machine hits both alike
+    non_dp = dp = 0.0
+    for _ in range(2):
+        non_dp += _time(plain, 2, repeats) / 2
+        dp += _time(lambda: private_step(gsm, dp_opt, batch, blank), 2, repeats) / 2
+    return non_dp, dp
 
-    def private() -> None:
-        private_step(gsm, dp_opt, batch, blank)
 
-    non_dp = _time(plain, 2, repeats)
-    dp = _time(private, 2, repeats)
-    return {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp, "dp_step_ratio": dp / non_dp}
+def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[str, float]:
+    non_dp, dp = _step_seconds(ModelConfig(), repeats, batch_size, seconds)
+    non_dp0, dp0 = _step_seconds(ModelConfig(dropout=0.0), repeats, batch_size, seconds)
+    return {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp, "dp_step_ratio": dp / non_dp,
+            "dp_step_ratio_no_dropout": dp0 / non_dp0}
+
+
+def _tree_pss_kb(root: int) -> int:
+    """Proportional set size of ``root`` and all its descendants (shared pages counted once)."""
+    return sum(_tree_pss(root).values())
+
+
+def _tree_pss(root: int) -> dict[str, int]:
+    """PSS in kB of ``root`` and each descendant, by ``name:pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    out[f"{name}:{pid}"] = int(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
+def simulate(out: Path, *overrides: str, cache: Optional[Path] = None) -> tuple[float, float]:
+    """Run ``unheard-simulate`` into ``out``; returns (wall seconds, peak PSS of its process tree in GB).
+
+    The processes at the peak and their PSS are written to ``<out>.peak.json``.
+    """
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    if cache is not None:
+        env["UNHEARD_CACHE"] = str(cache)
+    cmd = [sys.executable, "-m", "experiments.simulate", f"hydra.run.dir={out}", *overrides]
+    log = open(out.parent / f"{out.name}.log", "w")
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak, at_peak = 0, {}
+
+    def sample() -> None:
+        nonlocal peak, at_peak
+        while proc.poll() is None:
+            now = _tree_pss(proc.pid)
+            if sum(now.values()) > peak:
+                peak, at_peak = sum(now.values()), now
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    seconds = time.perf_counter() - started
+    sampler.join()
+    log.close()
+    (out.parent / f"{out.name}.peak.json").write_text(json.dumps(at_peak, indent=1))
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}); see {log.name}")
+    return seconds, peak / 1024**2
+
+
+def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
+    """Rounds of 16 devices; the figures pool every round but the last (which adds the final
+    federated evaluation, a once-per-run cost)."""
+    out = work / "overhead"
+    simulate(out, "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
+             "federation.sampling=fixed", f"federation.rounds={rounds}", "federation.device_eval_every=0")
+    rows = read_results(out)[1:-1]
+    config = json.loads((out / "summary.json").read_text())["config"]["federation"]
+    actors = max(1, int((os.cpu_count() or 1) // config["num_cpus_per_client"]))
+    wall, device = sum(r["seconds"] for r in rows), sum(r["device_seconds"] for r in rows)
+    return {"sim_round_seconds": wall / len(rows), "sim_device_seconds": device / len(rows), "sim_actors": actors,
+            "sim_overhead": 1.0 - device / (actors * wall)}
+
+
+def rss_10k(work: Path) -> dict[str, float]:
+    """A population of 10,000 devices (two utterances each), a cohort of 50, one round."""
+    seconds, peak = simulate(work / "pop10k", "data.private_speakers=104", "data.private_utterances=200",
+                             "data.eval_utterances=160", "data.partition=iid", "data.num_devices=10000",
+                             "federation.clients_per_round=50", "federation.sampling=fixed", "federation.rounds=1",
+                             "federation.eval_devices=50")
+    return {"rss_gb_10k": peak, "seconds_10k": seconds}
+
+
+def demo(work: Path) -> dict[str, float]:
+    """`make demo`'s job from an empty cache (the venv already installed)."""
+    cache = work / "cold-cache"
+    seconds, peak = simulate(work / "demo", cache=cache)
+    return {"demo_seconds": seconds, "demo_peak_gb": peak}
+
+
+RUNS: dict[str, Callable[[Path], dict[str, float]]] = {"sim_overhead": sim_overhead, "rss_10k": rss_10k, "demo": demo}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    figures = {"threads": torch.get_num_threads(), **dp_step(args.repeats)}
-    Path(args.out).write_text(json.dumps(figures, indent=2))
+    figures: dict[str, object] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="unheard-bench-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.only:
+            figures |= dp_step(args.repeats) if name == "dp_step" else RUNS[name](work)
+            Path(args.out).write_text(json.dumps(figures, indent=2))  # keep what is measured so far
     for k, v in figures.items():
         print(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}")
 

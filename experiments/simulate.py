@@ -6,12 +6,14 @@ data -> seed model (central pretraining on public speakers) -> Flower simulation
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import hydra
 import torch
@@ -24,7 +26,8 @@ from clients.client_app import DeviceSettings, make_client_app
 from clients.faults import Faults
 from clients.history import rounds_trained
 from clients.simulated import SimulatedDevices, state_dir
-from experiments.inputs import build_inputs, run_audit
+from experiments import flower_speedups
+from experiments.inputs import Inputs, build_inputs, run_audit
 from fl.config import Config, register_configs, validate
 from fl.data.fleet import write_fleet
 from fl.data.prepare import DataNotFound, check_paths
@@ -46,25 +49,32 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     except ValueError as err:
         log.error("%s", err)
         sys.exit(2)
-    inputs = build_inputs(cfg, out_dir)
+    built = build_inputs(cfg, out_dir)
     fleet = out_dir / "fleet"
-    ids = write_fleet(inputs.devices, fleet)
-    torch.save(inputs.data.held_out, fleet / "held_out.pt")
+    ids = write_fleet(built.devices, fleet)
+    torch.save(built.data.held_out, fleet / "held_out.pt")
+    seed_path = str(built.seed.path)
+    # every device's data is in its file now: the driver keeps the corpus only for the audit
+    inputs: Optional[Inputs] = built if cfg.audit.membership or cfg.audit.canaries else None
+    del built
+    _return_freed_memory()
 
     sample, fed = cfg.privacy.sample, cfg.federation
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
     device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client, faults)
     server = ServerSettings(
         out_dir=str(out_dir), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
-        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=str(inputs.seed.path),
+        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=seed_path,
         eval_examples=str(fleet / "held_out.pt"), config=resolved, sampling=fed.sampling,
         sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
         user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
+        eval_devices=fed.eval_devices,
         resume=cfg.resume,
     )
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:
         log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)
+    flower_speedups.apply()
     run_simulation(
         server_app=make_server_app(server),
         client_app=make_client_app(device, SimulatedDevices(str(fleet)), audit),
@@ -81,8 +91,17 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     summary = json.loads(summary_path.read_text())
     trained = {device_id for pid, device_id in enumerate(ids) if rounds_trained(state_dir(str(fleet), pid))}
     final = torch.load(out_dir / "checkpoints" / f"round-{summary['rounds']:03d}.pt", weights_only=False)
-    summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir)
+    summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: a corpus is many small tensors)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 def print_audit(console: Console, audit: dict | None) -> None:

@@ -160,7 +160,8 @@ class FederationConfig:
     loses its reply: its privacy spend still counts), ``slow_devices`` (sleep ``slow_seconds``
     first; past ``round_timeout`` the reply is a failure). ``audit_outbound``: log the shape of
     every message a device sends to ``<run dir>/outbound/``. ``device_eval_every``: federated
-    evaluation every that many rounds (0: only after the last). ``ray_address``: attach the
+    evaluation every that many rounds (0: only after the last), on ``eval_devices`` devices drawn
+    each time (0: all; what a large population needs). ``ray_address``: attach the
     simulation to a running Ray cluster (``HOST:PORT`` of its head, see docs/scale.md) instead of
     starting a local one.
     """
@@ -177,6 +178,7 @@ class FederationConfig:
     threads_per_client: int = 1
     round_timeout: float = 3600.0
     device_eval_every: int = 1
+    eval_devices: int = 0
     ray_address: Optional[str] = None
 
 

@@ -26,6 +26,7 @@ def settings_from(run_config: dict) -> ServerSettings:
         eval_examples=str(run_config[runconfig.EVAL_EXAMPLES]), config=resolved, sampling=fed.sampling,
         sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
         user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
+        eval_devices=fed.eval_devices,
         resume=cfg.resume,
     )
 

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp import Grid
 
 from fl import protocol as P
-from server.rounds import exchange
+from server.rounds import Replies, exchange
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,17 @@ class Devices:
         return self._key_of[node]
 
 
+CHUNK = 256
+"""Nodes asked at a time: a message to each of 10,000 nodes at once would crowd the link's queue."""
+
+
 def identify(grid: Grid, nodes: list[int], timeout: float) -> Devices:
     """Ask ``nodes`` for their keys. Raises if two nodes claim one key (one device started twice)."""
-    replies = exchange(grid, nodes, MessageType.QUERY, ArrayRecord(), 0, timeout, {})
+    replies = Replies()
+    for i in range(0, len(nodes), CHUNK):
+        part = exchange(grid, nodes[i:i + CHUNK], MessageType.QUERY, ArrayRecord(), 0, timeout, {})
+        replies.ok += part.ok
+        replies.failed += part.failed
     node_of: dict[int, int] = {}
     for m in replies.ok:
         node, metrics = m.metadata.src_node_id, m.content[P.METRICS]

@@ -25,6 +25,8 @@ class RoundRow:
     ``epsilon_user``: user-level epsilon of the global model after this round (null when off).
     ``delta``: the sample-level delta (the user-level one when only user-level DP is on);
     ``delta_user``: the user-level delta (null when off).
+    ``seconds``: the round's wall time at the server; ``device_seconds``: the training time the
+    replying devices reported, summed (0 for round 0).
     """
 
     round: int
@@ -42,6 +44,7 @@ class RoundRow:
     delta: Optional[float]
     delta_user: Optional[float]
     seconds: float
+    device_seconds: float = 0.0
 
 
 def _clean(x: Any) -> Any:

@@ -3,7 +3,8 @@
 Each round: sample devices (Poisson by default), send them the global model, combine the updates
 they send back (example-weighted FedAvg, or the user-level DP average of ``server/user_dp.py``),
 evaluate the new global model on held-out speakers (server side) and, every ``device_eval_every``
-rounds and after the last, on every device's local test split (federated evaluation), checkpoint
+rounds and after the last, on the devices' local test splits (federated evaluation; all devices,
+or ``eval_devices`` of them drawn afresh each time), checkpoint
 it, and append a row to ``results.jsonl`` with the privacy spent so far. A user-level budget
 (``max_epsilon``) stops the run before a round that would exceed it. Every round is committed to
 ``checkpoints/server-state.pt`` before it is published, and ``resume`` continues from there
@@ -60,6 +61,7 @@ class ServerSettings:
     user: Optional[UserPrivacyConfig] = None
     max_epsilon: Optional[float] = None
     device_eval_every: int = 1
+    eval_devices: int = 0
     resume: bool = False
 
 
@@ -85,6 +87,7 @@ class RoundOutcome:
     declined: int = 0
     failures: int = 0
     losses: list[float] = field(default_factory=list)
+    device_seconds: float = 0.0
 
 
 def _plain_round(
@@ -105,7 +108,7 @@ def _plain_round(
     else:
         log.warning("round %d: no device returned an update; the global model is unchanged", r)
     return arrays, RoundOutcome(len(usable), len(replies.ok) - len(usable), len(replies.failed),
-                                replies.metric(P.TRAIN_LOSS))
+                                replies.metric(P.TRAIN_LOSS), sum(replies.metric(P.SECONDS)))
 
 
 def _secure_round(
@@ -123,7 +126,16 @@ def _secure_round(
         ledger.report(devices.key_of(node), metrics)
     arrays = _apply(arrays, user.aggregate([result.total] if result.total is not None else [], reference, []))
     declined = sum(1 for m in result.metrics.values() if m.get(P.DECLINED))
-    return arrays, RoundOutcome(len(result.contributed) - declined, declined, len(result.failed))
+    seconds = sum(float(m[P.SECONDS]) for m in result.metrics.values() if P.SECONDS in m)
+    return arrays, RoundOutcome(len(result.contributed) - declined, declined, len(result.failed),
+                                device_seconds=seconds)
+
+
+def _evaluated(keys: list[int], cap: int, seed: int, r: int) -> list[int]:
+    """The devices of round ``r``'s federated evaluation: all, or ``cap`` of them drawn by (seed, round)."""
+    if cap <= 0 or cap >= len(keys):
+        return keys
+    return sorted(random.Random(f"unheard-eval:{seed}:{r}").sample(keys, cap))
 
 
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
@@ -155,7 +167,8 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
         dwer = dcer = None
         if r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0):
-            fed = rounds.evaluate(grid, devices.nodes(devices.keys), arrays, r, s.round_timeout, {})
+            fed = rounds.evaluate(grid, devices.nodes(_evaluated(devices.keys, s.eval_devices, s.seed, r)), arrays, r,
+                                  s.round_timeout, {})
             ledger.update(fed, devices.key_of)
             dwer, dcer = rounds.pooled_error_rates(fed)
         o = outcome or RoundOutcome()
@@ -166,7 +179,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             epsilon_sample=ledger.epsilon, epsilon_user=user.epsilon() if user else None,
             delta=s.sample_delta if s.sample_delta is not None else (user.cfg.delta if user else None),
             delta_user=user.cfg.delta if user else None,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, device_seconds=o.device_seconds,
         )
 
     def commit(row: RoundRow) -> None:
@@ -213,8 +226,13 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                 arrays, outcome = _secure_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
             else:
                 arrays, outcome = _plain_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
+            trained = time.perf_counter()
             row = measure(r, started, outcome)
+            measured = time.perf_counter()
             commit(row)
+            log.info("round %d: %.2f s with the devices (their training: %.2f s in all), %.2f s evaluating, "
+                     "%.2f s checkpointing", r, trained - started, outcome.device_seconds, measured - trained,
+                     time.perf_counter() - measured)
             log.info("round %d: WER %.3f, device WER %s, eps sample %s user %s (%d updates, %d declined, %d failed)",
                      r, row.wer, row.device_wer, row.epsilon_sample, row.epsilon_user, row.clients, row.declined,
                      row.failures)

@@ -21,6 +21,8 @@ def test_results_have_a_row_per_round(smoke_run):
     assert 0 < rows[1]["epsilon_sample"] < rows[2]["epsilon_sample"]
     assert rows[2]["epsilon_user"] is None
     assert rows[2]["delta"] == 1e-5
+    # four devices trained each round and said for how long; the round took at least the longest of them
+    assert rows[0]["device_seconds"] == 0 and all(0 < r["device_seconds"] < 4 * r["seconds"] for r in rows[1:])
 
 
 def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
