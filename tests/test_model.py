@@ -7,6 +7,7 @@ from opacus.validators import ModuleValidator
 from fl.config import ModelConfig
 from fl.data.features import collate
 from fl.model.conformer import ConformerCTC, count_parameters
+from fl.privacy.sample import per_sample_backward
 from fl.train import ctc_losses
 from tests.conftest import TINY
 
@@ -34,13 +35,14 @@ def test_output_of_an_example_does_not_depend_on_batch_padding(tokenizer, exampl
 
 
 def test_per_sample_gradients_match_single_example_gradients(tokenizer, examples):
+    """What DP-SGD clips is each example's own gradient (depthwise rule: fl/privacy/grad_samplers.py)."""
     torch.manual_seed(0)
     model = ConformerCTC(TINY, tokenizer.vocab_size)
     reference = ConformerCTC(TINY, tokenizer.vocab_size)
     reference.load_state_dict(model.state_dict())
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    batch = collate(examples[:6], TINY.n_mels)
-    ctc_losses(gsm, batch, tokenizer.blank).mean().backward()
+    per_sample_backward(gsm, collate(examples[:6], TINY.n_mels), tokenizer.blank)  # as every DP-SGD step does
+    assert all(p.grad is None for p in model.parameters())  # the unused summed gradient is never computed
     for i, e in enumerate(examples[:6]):
         reference.zero_grad()
         ctc_losses(reference, collate([e], TINY.n_mels), tokenizer.blank).sum().backward()

@@ -106,6 +106,12 @@ def test_a_crash_between_ledger_and_release_record_counts_the_round_twice(tmp_pa
     assert _steps(tmp_path) == 4
 
 
+def test_resuming_needs_the_interrupted_runs_folder(tmp_path):
+    with pytest.raises(ValueError, match="does not exist: point hydra.run.dir"):
+        checkpoint.check_out_dir(tmp_path, {"seed": 0}, resume=True)
+    checkpoint.check_out_dir(tmp_path, {"seed": 0}, resume=False)  # a fresh folder starts a run
+
+
 def test_config_mismatch_names_the_keys_and_resume_is_exempt():
     saved = {"seed": 0, "resume": False, "train": {"lr": 0.001, "batch_size": 8}}
     assert checkpoint.mismatch(saved, {**saved, "resume": True}) == []
@@ -133,7 +139,7 @@ def _kill_mid_round_2(out: Path, cache: Path) -> None:
 
 def _rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "device_seconds")} for row in rows]
 
 
 def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(tmp_path, sim_cache):
@@ -143,10 +149,11 @@ def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(t
     _kill_mid_round_2(cut, sim_cache)
     assert checkpoint.load(cut).round == 1  # killed inside round 2, after devices had trained and spent
     assert len(_rows(cut)) == 2
-    with pytest.raises(AssertionError, match="already holds a run"):  # never started over by mistake
-        simulate(tmp_path / "cut", sim_cache, *RUN)
-    with pytest.raises(AssertionError, match="config differs .* seed"):
-        simulate(tmp_path / "cut", sim_cache, *RUN, "resume=true", "seed=1")
+    saved = checkpoint.load(cut).config
+    with pytest.raises(ValueError, match="already holds a run"):  # never started over by mistake
+        checkpoint.check_out_dir(cut, saved, resume=False)
+    with pytest.raises(ValueError, match="config differs .* in seed"):
+        checkpoint.check_out_dir(cut, {**saved, "seed": 1}, resume=True)
     simulate(tmp_path / "cut", sim_cache, *RUN, "resume=true")
     assert "resuming after round 1 of 2" in (tmp_path / "cut" / "stdout.txt").read_text() + \
         "".join(p.read_text() for p in cut.glob("*.log"))

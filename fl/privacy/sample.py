@@ -88,17 +88,23 @@ def make_private(model: nn.Module, train: TrainConfig, privacy: SamplePrivacyCon
     return gs_model, optimizer
 
 
-def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, batch: Batch, blank: int) -> float:
-    """One DP-SGD step on ``batch``: per-sample gradients, clipped, summed and noised; returns the loss.
+def per_sample_backward(gs_model: GradSampleModule, batch: Batch, blank: int) -> torch.Tensor:
+    """Fill every trainable parameter's ``grad_sample`` for ``batch``; returns the mean loss.
 
     Only the per-sample gradients are used, so autograd is asked for the features' gradient
-    alone: it then skips the parameters' summed gradients (wasted work), while Opacus' hooks still
-    receive every layer's output gradient.
+    alone: it then skips the parameters' summed gradients (wasted work; ``.grad`` stays empty),
+    while Opacus' hooks still receive every layer's output gradient.
     """
-    optimizer.zero_grad(set_to_none=True)
     feats = batch.feats.detach().requires_grad_()
     loss = ctc_losses(gs_model, replace(batch, feats=feats), blank).mean()
     loss.backward(inputs=[feats])
+    return loss
+
+
+def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, batch: Batch, blank: int) -> float:
+    """One DP-SGD step on ``batch``: per-sample gradients, clipped, summed and noised; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = per_sample_backward(gs_model, batch, blank)
     optimizer.step()
     return loss.item()
 
