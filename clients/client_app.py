@@ -140,9 +140,9 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
         log.warning("device %s: round %d was asked again after a server restart and this reply differs from "
                     "the first one: declining (the first reply stays counted)", device.device_id, server_round)
         return _declined(msg, _privacy_metrics(budget.load_account(ledger, dp.accountant), dp) if dp else {})
+    replay.save(state, replay.Release(this_round, digest, before))
     if dp is not None:
         budget.save_account(ledger, account, sigma)
-    replay.save(state, replay.Release(this_round, digest, before))
     if not repeat:
         append_round(state, server_round, settings.train.local_steps, len(device.train))
     settings.faults.after_training(context, settings.seed, server_round)

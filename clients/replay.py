@@ -10,9 +10,11 @@ one it recorded the first time:
 * different (e.g. ``secure_mode``'s OS randomness) -- the device declines: its first reply may
   have reached the server and stays counted in the ledger, and no second release is made.
 
-The record (``release.json`` in the state folder) is written after the ledger and before the reply.
-A crash between the two leaves an older record, so the repeated round is treated as new and its
-spend is counted twice -- never less than once.
+The record (``release.json`` in the state folder) is written before the ledger, and both before
+the reply. A crash between the two leaves a record of a reply that was never sent and a ledger
+without its spend: asked again, the device trains from that same ledger and counts the round once,
+and if it is never asked again nothing was released. Either way every reply that left the device
+is counted exactly once.
 """
 
 from __future__ import annotations

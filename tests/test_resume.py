@@ -97,13 +97,18 @@ def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_coun
     assert replay.load(tmp_path).round_key == replay.round_key(1, arrays)
 
 
-def test_a_crash_between_ledger_and_release_record_counts_the_round_twice(tmp_path):
+def test_a_device_that_died_between_release_record_and_ledger_counts_the_round_once(tmp_path):
     settings, store, arrays = _device(tmp_path, secure_mode=False)
     tok = CharTokenizer()
     _train(settings, *_message(1, arrays), store, tok)
-    (tmp_path / replay.RELEASE).unlink()  # as if the device died after writing its ledger
-    _train(settings, *_message(1, arrays), store, tok)
-    assert _steps(tmp_path) == 4
+    _train(settings, *_message(2, arrays), store, tok)
+    ledger = tmp_path / budget.LEDGER
+    first_round_only = budget.load_account(ledger, "rdp")
+    first_round_only.history = replay.load(tmp_path).history_before
+    budget.save_account(ledger, first_round_only, 1.0)  # died after the release record, before the ledger
+    assert _steps(tmp_path) == 2
+    again = _train(settings, *_message(2, arrays), store, tok)  # the never-sent reply, asked again
+    assert P.ARRAYS in again.content and _steps(tmp_path) == 4
 
 
 def test_resuming_needs_the_interrupted_runs_folder(tmp_path):
