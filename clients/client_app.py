@@ -95,7 +95,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     seed = settings.seed * 1_000_003 + server_round * 1009 + store.key(context) % 1_000_003
     this_round = replay.round_key(server_round, msg.content[P.ARRAYS])
     previous = replay.load(state)
-    repeat = previous is not None and previous.round_key == this_round
+    replayed = previous if previous is not None and previous.round_key == this_round else None
     torch.manual_seed(seed)
     model = _model(settings, msg, tokenizer)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -107,8 +107,8 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     before: Optional[History] = None
     if dp is not None:
         account = budget.load_account(ledger, dp.accountant)
-        if repeat and previous.history_before is not None:  # type: ignore[union-attr]
-            account.history = list(previous.history_before)  # type: ignore[union-attr]
+        if replayed is not None and replayed.history_before is not None:
+            account.history = list(replayed.history_before)
         before = list(account.history)
         rate = sample_rate(len(device.train), settings.train.batch_size)
         sigma = budget.noise_multiplier(ledger, dp, rate, settings.train.local_steps,
@@ -136,14 +136,14 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
             metrics[P.CLIP_BIT] = bit
     arrays, record = ArrayRecord(update), MetricRecord(metrics)
     digest = replay.reply_digest(arrays, record)
-    if repeat and digest != previous.digest:  # type: ignore[union-attr]
+    if replayed is not None and digest != replayed.digest:
         log.warning("device %s: round %d was asked again after a server restart and this reply differs from "
                     "the first one: declining (the first reply stays counted)", device.device_id, server_round)
         return _declined(msg, _privacy_metrics(budget.load_account(ledger, dp.accountant), dp) if dp else {})
     replay.save(state, replay.Release(this_round, digest, before))
     if dp is not None:
         budget.save_account(ledger, account, sigma)
-    if not repeat:
+    if replayed is None:
         append_round(state, server_round, settings.train.local_steps, len(device.train))
     settings.faults.after_training(context, settings.seed, server_round)
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: record}), reply_to=msg)

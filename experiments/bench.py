@@ -40,7 +40,6 @@ from fl.train import ctc_losses
 from server.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ("dp_step", "sim_overhead", "rss_10k", "demo")
 
 
 def _batch(cfg: ModelConfig, size: int, seconds: float, chars: int) -> Batch:
@@ -90,13 +89,8 @@ def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[st
             "dp_step_ratio_no_dropout": dp0 / non_dp0}
 
 
-def _tree_pss_kb(root: int) -> int:
-    """Proportional set size of ``root`` and all its descendants (shared pages counted once)."""
-    return sum(_tree_pss(root).values())
-
-
 def _tree_pss(root: int) -> dict[str, int]:
-    """PSS in kB of ``root`` and each descendant, by ``name:pid``."""
+    """PSS in kB of ``root`` and each descendant, by ``name:pid`` (summed: shared pages counted once)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -190,7 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    figure_names = ["dp_step", *RUNS]
+    parser.add_argument("--only", nargs="+", choices=figure_names, default=figure_names)
     parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
     args = parser.parse_args()
     figures: dict[str, object] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}

@@ -59,18 +59,11 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     del built
     _return_freed_memory()
 
-    sample, fed = cfg.privacy.sample, cfg.federation
+    fed = cfg.federation
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
-    device = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client, faults)
-    server = ServerSettings(
-        out_dir=str(out_dir), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
-        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=seed_path,
-        eval_examples=str(fleet / "held_out.pt"), config=resolved, sampling=fed.sampling,
-        sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
-        user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
-        eval_devices=fed.eval_devices,
-        resume=cfg.resume,
-    )
+    device = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
+                            fed.threads_per_client, faults)
+    server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:
         log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)

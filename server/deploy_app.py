@@ -18,17 +18,9 @@ app = ServerApp()
 
 def settings_from(run_config: dict) -> ServerSettings:
     cfg, resolved = runconfig.from_run_config(run_config)
-    sample, fed = cfg.privacy.sample, cfg.federation
-    return ServerSettings(
-        out_dir=str(run_config[runconfig.OUT_DIR]), rounds=fed.rounds, clients_per_round=fed.clients_per_round,
-        round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model,
-        initial_weights=str(run_config[runconfig.INITIAL_WEIGHTS]),
-        eval_examples=str(run_config[runconfig.EVAL_EXAMPLES]), config=resolved, sampling=fed.sampling,
-        sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
-        user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
-        eval_devices=fed.eval_devices,
-        resume=cfg.resume,
-    )
+    return ServerSettings.from_config(cfg, resolved, str(run_config[runconfig.OUT_DIR]),
+                                      str(run_config[runconfig.INITIAL_WEIGHTS]),
+                                      str(run_config[runconfig.EVAL_EXAMPLES]))
 
 
 @app.main()

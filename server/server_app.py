@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from fl import protocol as P
-from fl.config import ModelConfig, UserPrivacyConfig
+from fl.config import Config, ModelConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.privacy.secagg import clipping_range_for
@@ -63,6 +63,20 @@ class ServerSettings:
     device_eval_every: int = 1
     eval_devices: int = 0
     resume: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, resolved: dict[str, Any], out_dir: str, initial_weights: str,
+                    eval_examples: str) -> "ServerSettings":
+        """The server's part of a run's config (``resolved`` is recorded in the summary and checkpoint)."""
+        sample, fed = cfg.privacy.sample, cfg.federation
+        return cls(
+            out_dir=out_dir, rounds=fed.rounds, clients_per_round=fed.clients_per_round,
+            round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=initial_weights,
+            eval_examples=eval_examples, config=resolved, sampling=fed.sampling,
+            sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
+            user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
+            eval_devices=fed.eval_devices, resume=cfg.resume,
+        )
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
