@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test smoke bench curves curves-quick clean-cache
+.PHONY: install demo test test-fast smoke bench curves curves-quick clean-cache
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Unit and component tests only (no simulation, no deployment): about two minutes, for while you work.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 clean-cache:
 	rm -rf .cache

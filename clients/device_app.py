@@ -26,6 +26,9 @@ AUDIT_DIR = "audit-dir"
 @lru_cache(maxsize=4)
 def _app_for(config_json: str, max_epsilon: Optional[float], audit_dir: Optional[str]) -> ClientApp:
     cfg, _ = runconfig.from_run_config({runconfig.CONFIG_KEY: config_json})
+    if cfg.privacy.reproducible:
+        raise PermissionError("this run asks for privacy.reproducible=true (noise derived from the config seed): "
+                              "a deployed device never trains with it")
     sample = cfg.privacy.sample
     if sample is not None and max_epsilon is not None:
         own = max_epsilon if sample.max_epsilon is None else min(max_epsilon, sample.max_epsilon)

@@ -2,9 +2,9 @@
 
 The data folder is a Kaldi data dir (``wav.scp``/``text``/``utt2spk``) or a folder of recordings
 with transcripts beside them (``clip.wav`` + ``clip.txt``). Features are cached in the state
-folder; the ledger (``clients/budget.py``) and round history (``clients/history.py``) live there
-too, so a restarted device continues its privacy accounting where it stopped, and so does its key:
-a random number drawn once (``state/device-key``) that names the device to the server across
+folder; the device's secret, privacy ledger and round history live there too
+(``clients/state.py``), so a restarted device continues its privacy accounting where it stopped,
+and so does its key: a random number drawn once that names the device to the server across
 restarts, whatever node id it gets, and says nothing about its owner or recordings. Unusable recordings
 are skipped and listed in ``state/problems.jsonl``; a device with none left trains on nothing and
 declines every round.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import Context
 
+from clients.state import DeviceState
 from fl.data.features import featurize
 from fl.data.fleet import DeviceData
 from fl.data.partition import split_device
@@ -29,7 +29,6 @@ from fl.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
 
-KEY_FILE = "device-key"
 DATA_DIR = "data-dir"
 STATE_DIR = "state-dir"
 """The SuperNode ``--node-config`` keys ``unheard-device`` sets."""
@@ -78,15 +77,4 @@ class LocalDevice:
         return Path(str(context.node_config[STATE_DIR]))
 
     def key(self, context: Context) -> int:
-        return device_key(self.state(context))
-
-
-def device_key(state_dir: Path) -> int:
-    """This device's key: drawn at random (52 bits, exact as a float metric) the first time, then kept."""
-    path = state_dir / KEY_FILE
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(secrets.randbits(52)))
-        tmp.replace(path)
-    return int(path.read_text())
+        return DeviceState(self.state(context)).key()

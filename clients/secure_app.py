@@ -14,11 +14,13 @@ sits between the two:
 and it refuses to contribute if the server's ``noise-cohort`` exceeds the SecAgg+ threshold this
 device will enforce (a decodable sum could then carry less noise than accounted). A reply without
 an update (a device that declines) is an error here: the device drops out of the secure round.
+The clear scalars of the reply (``fitres.metrics``) are the same allow-listed echo as in ordinary
+rounds (``clients/guard.py``).
 
 Mods, outermost first (``ClientApp`` applies app-level mods outside function-level ones, so the
 existing app-level ``outbound_guard`` must move to ``evaluate``)::
 
-    @app.train(mods=secure_train_mods(shapes) + [outbound_guard(shapes, audit_dir)])
+    @app.train(mods=secure_train_mods(shapes, allowed) + [outbound_guard(shapes, allowed, audit_dir)])
 
 ``secure_outbound_guard`` checks what actually leaves under SecAgg+; the ordinary
 ``outbound_guard``, innermost, still checks the clear update before it is quantised and masked.
@@ -27,7 +29,7 @@ existing app-level ``outbound_guard`` must move to ``evaluate``)::
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -41,6 +43,7 @@ from clients.guard import OutboundViolation, check_reply
 from fl import protocol as P
 from fl.privacy import masks
 from fl.privacy.secagg import SECURE_NAMES
+from fl.privacy.user import WIRE_COHORT
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,8 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     weights = {name: bytes_to_ndarray(legacy[str(i)].data) for i, name in enumerate(names)}
     secagg = context.state.config_records[RECORD_KEY_STATE]
     threshold = int(secagg["threshold"])  # type: ignore[arg-type]
-    if P.NOISE_COHORT in config and int(config[P.NOISE_COHORT]) > threshold:  # type: ignore[arg-type]
-        raise OutboundViolation(f"noise cohort {config[P.NOISE_COHORT]} exceeds the SecAgg+ threshold {threshold}: "
+    if WIRE_COHORT in config and int(config[WIRE_COHORT]) > threshold:  # type: ignore[arg-type]
+        raise OutboundViolation(f"noise cohort {config[WIRE_COHORT]} exceeds the SecAgg+ threshold {threshold}: "
                                 "the decoded sum could carry less noise than accounted; not contributing")
     msg.content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()}),
                               P.CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
@@ -89,12 +92,12 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     return Message(fitres_to_recorddict(fitres, False), reply_to=msg)
 
 
-def check_secure_reply(content: RecordDict, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_secure_reply(content: RecordDict, shapes: Mapping[str, tuple[int, ...]], allowed: Collection[str]) -> None:
     """What may leave a device during a SecAgg+ round: protocol keys and bytes, the masked vector
     (one integer array per float parameter plus the weight), an empty fitres array record,
-    num_examples = 1, and protocol metrics."""
-    allowed = {RECORD_KEY_CONFIGS, FITRES_ARRAYS, FITRES_EXAMPLES, FITRES_METRICS, FITRES_STATUS}
-    extra = set(content.keys()) - allowed
+    num_examples = 1, and the ``allowed`` metrics."""
+    records = {RECORD_KEY_CONFIGS, FITRES_ARRAYS, FITRES_EXAMPLES, FITRES_METRICS, FITRES_STATUS}
+    extra = set(content.keys()) - records
     if extra or RECORD_KEY_CONFIGS not in content:
         raise OutboundViolation(f"secure reply carries records {sorted(content.keys())}")
     protocol = content.config_records[RECORD_KEY_CONFIGS]
@@ -117,18 +120,18 @@ def check_secure_reply(content: RecordDict, shapes: Mapping[str, tuple[int, ...]
         raise OutboundViolation("secure reply must weigh every device 1")
     if FITRES_METRICS in content:
         metrics = MetricRecord(dict(content.config_records[FITRES_METRICS]))  # type: ignore[arg-type]
-        check_reply([P.METRICS], None, metrics, shapes)
+        check_reply([P.METRICS], None, metrics, shapes, allowed)
     if FITRES_STATUS in content and dict(content.config_records[FITRES_STATUS]) != {"code": 0, "message": ""}:
         raise OutboundViolation("a secure reply's status must be plain OK")
 
 
-def secure_outbound_guard(shapes: Mapping[str, tuple[int, ...]]) -> Mod:
+def secure_outbound_guard(shapes: Mapping[str, tuple[int, ...]], allowed: Collection[str]) -> Mod:
     """Outermost mod of a SecAgg+ train function: every reply must pass ``check_secure_reply``."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         if not reply.has_error():
-            check_secure_reply(reply.content, shapes)
+            check_secure_reply(reply.content, shapes, allowed)
         return reply
 
     return mod
@@ -165,7 +168,7 @@ def strong_masks(msg: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(msg, context)
 
 
-def secure_train_mods(shapes: Mapping[str, tuple[int, ...]]) -> list[Mod]:
+def secure_train_mods(shapes: Mapping[str, tuple[int, ...]], allowed: Collection[str]) -> list[Mod]:
     """Function-level mods for ``@app.train`` under secure aggregation, outermost first."""
-    return [secure_outbound_guard(shapes), stale_round_guard, strong_masks, secaggplus_mod, fitres_adapter]
+    return [secure_outbound_guard(shapes, allowed), stale_round_guard, strong_masks, secaggplus_mod, fitres_adapter]
 

@@ -36,8 +36,10 @@ class CurveRow:
     epsilon_sample: Optional[float]
     delta_sample: Optional[float]
     epsilon_user: Optional[float]
+    epsilon_user_server: Optional[float]
     delta_user: Optional[float]
     extrapolated: bool
+    randomness: str
     amplification: Optional[bool]
     rounds: int
     seed_wer: float
@@ -85,19 +87,19 @@ def row_from_run(run_dir: Path, root: Path) -> CurveRow:
     audit = json.loads(audit_path.read_text()) if audit_path.exists() else {}
     privacy = summary["privacy"]
     sample, user = privacy.get("sample") or {}, privacy.get("user") or {}
-    configured = summary["config"]["privacy"]
     canaries = audit.get("canaries") or {}
+    devices = (summary.get("simulation_eval") or summary)["final"]
     return CurveRow(
         run=str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         name=summary["config"]["name"], mechanism=mechanism_of(summary),
-        sigma=(configured.get("sample") or {}).get("noise_multiplier") if configured.get("sample") else None,
-        z=user.get("noise_multiplier"),
+        sigma=sample.get("noise_multiplier"), z=user.get("noise_multiplier"),
         epsilon_sample=sample.get("epsilon"), delta_sample=sample.get("delta"),
-        epsilon_user=user.get("epsilon"), delta_user=user.get("delta"),
-        extrapolated=bool(user.get("extrapolated")), amplification=user.get("amplification"),
+        epsilon_user=user.get("epsilon"), epsilon_user_server=user.get("epsilon_server"), delta_user=user.get("delta"),
+        extrapolated=bool(user.get("extrapolated")), randomness=privacy.get("randomness", "secret"),
+        amplification=user.get("amplification"),
         rounds=summary["rounds"], seed_wer=summary["seed_model"]["wer"], seed_cer=summary["seed_model"]["cer"],
         wer=summary["final"]["wer"], cer=summary["final"]["cer"],
-        device_wer=summary["final"].get("device_wer"), device_cer=summary["final"].get("device_cer"),
+        device_wer=devices.get("device_wer"), device_cer=devices.get("device_cer"),
         mia_auc_same=_attack(audit, "same_speakers", "auc"), mia_tpr_same=_attack(audit, "same_speakers",
                                                                                   "tpr_at_1pct_fpr"),
         mia_auc_other=_attack(audit, "other_speakers", "auc"), mia_tpr_other=_attack(audit, "other_speakers",
@@ -134,15 +136,19 @@ def _pct(x: Optional[float]) -> str:
 
 def markdown_table(rows: list[CurveRow]) -> str:
     """The table experiments/README.md shows: one line per run, private mechanisms by epsilon."""
-    head = ("| mechanism | sigma | z | eps sample | eps user | WER % | CER % | seed WER % | seed CER % | "
+    head = ("| mechanism | sigma | z | eps sample | eps user (models) | eps user (server) | WER % | CER % | "
+            "seed WER % | seed CER % | "
             "MIA AUC same / other | TPR@1%FPR same / other | canary exposure (bits) | run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r.mechanism, -(r.epsilon_user or r.epsilon_sample or 0))):
         eps_user = _fmt(r.epsilon_user) + (" (extrapolated)" if r.extrapolated else "")
         if r.amplification is False:
             eps_user += " (no amplification)"
+        if r.randomness != "secret":
+            eps_user += " (reproducible noise: no protection)"
         lines.append(
             f"| {r.mechanism} | {_fmt(r.sigma)} | {_fmt(r.z)} | {_fmt(r.epsilon_sample)} | {eps_user} | "
+            f"{_fmt(r.epsilon_user_server)} | "
             f"{_pct(r.wer)} | {_pct(r.cer)} | {_pct(r.seed_wer)} | {_pct(r.seed_cer)} | "
             f"{_fmt(r.mia_auc_same)} / {_fmt(r.mia_auc_other)} | {_fmt(r.mia_tpr_same)} / {_fmt(r.mia_tpr_other)} | "
             f"{_fmt(r.canary_exposure, 2)} | {r.run} |"

@@ -55,6 +55,9 @@ def submit(cfg: Config, out_dir: Path, resolved: dict) -> str:
     """Prepare the server's inputs, start the run; returns its Flower run id."""
     if not cfg.deploy.root_cert or not Path(cfg.deploy.root_cert).is_file():
         raise FileNotFoundError(f"deploy.root_cert={cfg.deploy.root_cert}: the SuperLink's CA certificate is needed")
+    if cfg.privacy.reproducible:
+        raise ValueError("privacy.reproducible=true derives every DP secret from the config seed: it protects "
+                         "against no one holding the config, so a deployment refuses it (simulations only)")
     checkpoint.check_out_dir(out_dir, resolved, cfg.resume)
     tokenizer = CharTokenizer()
     data = prepare_server_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
@@ -85,8 +88,8 @@ def wait(cfg: Config, out_dir: Path, run_id: str) -> str:
         rows = results.read_text().splitlines() if results.exists() else []
         for line in rows[seen:]:
             row = json.loads(line)
-            log.info("round %d: WER %.3f, eps sample %s, eps user %s", row["round"], row["wer"],
-                     row["epsilon_sample"], row["epsilon_user"])
+            log.info("round %d: WER %.3f, eps sample %s, eps user %s (models) %s (server)", row["round"],
+                     row["wer"], row["epsilon_sample"], row["epsilon_user"], row["epsilon_user_server"])
         seen = len(rows)
         if status.startswith("finished"):
             return status

@@ -24,13 +24,16 @@ from rich.table import Table
 
 from clients.client_app import DeviceSettings, make_client_app
 from clients.faults import Faults
-from clients.history import rounds_trained
 from clients.simulated import SimulatedDevices, state_dir
+from clients.state import DeviceState
 from experiments import flower_speedups
 from experiments.inputs import Inputs, build_inputs, run_audit
 from fl.config import Config, register_configs, validate
-from fl.data.fleet import write_fleet
+from fl.data.fleet import load_device, write_fleet
 from fl.data.prepare import DataNotFound, check_paths
+from fl.data.text import CharTokenizer
+from fl.model.conformer import ConformerCTC
+from fl.train import evaluate
 from server import checkpoint
 from server.results import SUMMARY
 from server.server_app import ServerSettings, make_server_app
@@ -62,7 +65,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     fed = cfg.federation
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
     device = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
-                            fed.threads_per_client, faults)
+                            fed.threads_per_client, faults, cfg.privacy.reproducible)
     server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:
@@ -82,10 +85,29 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
     summary = json.loads(summary_path.read_text())
-    trained = {device_id for pid, device_id in enumerate(ids) if rounds_trained(state_dir(str(fleet), pid))}
+    trained = {device_id for pid, device_id in enumerate(ids)
+               if DeviceState(state_dir(str(fleet), pid)).rounds_trained()}
     final = torch.load(out_dir / "checkpoints" / f"round-{summary['rounds']:03d}.pt", weights_only=False)
+    if summary["federated_evaluation"] != "on":
+        seed_weights = torch.load(seed_path, weights_only=False)["state_dict"]
+        summary["simulation_eval"] = simulation_eval(cfg, str(fleet), len(ids), seed_weights, final["state_dict"])
     summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
+
+
+def simulation_eval(cfg: Config, fleet: str, devices: int, seed: dict, final: dict) -> dict:
+    """The seed and final models on every simulated device's local test split, pooled: the
+    experimenter's view, which only a simulation has (no device sends test metrics under privacy)."""
+    tokenizer = CharTokenizer()
+    tests = [e for pid in range(devices) for e in load_device(fleet, pid).test]
+    out: dict = {"observer": "experimenter (simulation only: read from the devices' files, never sent)",
+                 "utterances": len(tests)}
+    for label, weights in (("seed_model", seed), ("final", final)):
+        model = ConformerCTC(cfg.model, tokenizer.vocab_size)
+        model.load_state_dict(weights)
+        result = evaluate(model, tests, tokenizer, cfg.model.n_mels) if tests else None
+        out[label] = {"device_wer": result.wer if result else None, "device_cer": result.cer if result else None}
+    return out
 
 
 def _return_freed_memory() -> None:
@@ -122,30 +144,43 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     for col in ("model", "held-out WER", "held-out CER", "device WER", "device CER"):
         table.add_column(col)
     final_label = f"after federated fine-tuning (privacy={summary['config']['privacy']['name']})"
+    sim = summary.get("simulation_eval")
     for label, key in (("seed (public only)", "seed_model"), (final_label, "final")):
         s = summary[key]
-        table.add_row(label, pct(s["wer"]), pct(s["cer"]), pct(s["device_wer"]), pct(s["device_cer"]))
+        dev = sim[key] if sim else s
+        table.add_row(label, pct(s["wer"]), pct(s["cer"]), pct(dev["device_wer"]), pct(dev["device_cer"]))
     console = Console()
     console.print(table)
-    sample = summary["privacy"]["sample"]
+    if sim:
+        console.print(f"device WER/CER: {sim['observer']}; federated evaluation {summary['federated_evaluation']}")
+    privacy = summary["privacy"]
+    if privacy["randomness"] != "secret":
+        console.print(f"[bold red]{privacy['randomness'].upper()}[/bold red]")
+    sample = privacy["sample"]
     if sample:
         console.print(
-            f"sample-level DP: epsilon = {sample['epsilon']:.2f} at delta = {sample['delta']:g} "
-            f"(worst device: {sample['max_steps']} steps, q = {sample['sample_rate']:.3f}, "
-            f"sigma = {sample['noise_multiplier']}, C = {sample['max_grad_norm']}, {sample['accountant']})"
+            f"sample-level DP: epsilon = {sample['epsilon']:.2f} at delta = {sample['delta']:g} against "
+            f"{sample['observer'].split(';')[0]} (worst device: {sample['max_rounds']} rounds, {sample['max_steps']} "
+            f"steps, q = {sample['sample_rate']:.3f}, sigma = {sample['noise_multiplier']:.3g}, "
+            f"C = {sample['max_grad_norm']}, {sample['accountant']})"
         )
     else:
         console.print("sample-level DP: off (no formal guarantee for utterances)")
-    user = summary["privacy"]["user"]
+    user = privacy["user"]
     if user:
         console.print(
-            f"user-level DP: epsilon = {user['epsilon']:.2f} at delta = {user['delta']:g} over {user['rounds']} rounds "
+            f"user-level DP: epsilon = {user['epsilon']:.2f} at delta = {user['delta']:.2g} against "
+            f"{user['epsilon_observer']}, over {user['rounds']} rounds "
             f"(z = {user['noise_multiplier']:.3g}, {user['noise']} noise, C = {user['clipping_norm']:.3g} "
             f"{user['clipping']}, q = {user['sampling_rate']:.3f} {user['sampling']} sampling"
             f"{', amplification NOT claimed' if not user['amplification'] else ''}"
             f"{', EXTRAPOLATED to a population of ' + str(user['population']) if user['extrapolated'] else ''}, "
             f"{user['accountant']})"
         )
+        if user["epsilon_server"] is not None:
+            console.print(f"user-level DP: epsilon = {user['epsilon_server']:.2f} against "
+                          f"{user['epsilon_server_observer']} (worst device: {user['server_rounds']} rounds, "
+                          "no amplification, replace-one sensitivity 2C)")
     else:
         console.print("user-level DP: off (no formal guarantee for devices)")
     print_audit(console, summary.get("audit"))

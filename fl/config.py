@@ -90,15 +90,21 @@ class TrainConfig:
 
 @dataclass
 class SamplePrivacyConfig:
-    """Utterance-level DP-SGD on the device (Opacus).
+    """Utterance-level DP-SGD on the device (Opacus); see ``fl/privacy/sample.py``.
 
-    ``target_epsilon`` (optional) replaces ``noise_multiplier``: the device derives the noise from
-    the planned rounds and its expected participation. ``max_epsilon`` (optional) is the device's
-    own budget: it declines a round that would take it past that epsilon.
+    ``sample_rate`` q: every device Poisson-samples each step's batch with this public rate (one
+    rate for all, so a device's epsilon reveals nothing about how many recordings it holds; the
+    expected batch is q * n, the update is averaged over the public ``train.batch_size``).
+    ``target_epsilon`` (optional) replaces ``noise_multiplier``: the server calibrates the noise so
+    that a device taking part in *every* round stays within it, and sends it to the devices.
+    ``max_epsilon`` (optional) is each device's own budget over all runs: it declines a round that
+    would take its ledger past it. ``accountant``: ``rdp`` or ``prv`` (upper bounds).
+    ``secure_mode``: noise drawn with Opacus' floating-point-attack mitigation.
     """
 
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
+    sample_rate: float = 0.25
     delta: float = 1e-5
     accountant: str = "rdp"
     secure_mode: bool = False
@@ -117,6 +123,9 @@ class UserPrivacyConfig:
     update norms, paid for by a noised count with ``count_noise_multiplier``) or ``per_layer``.
     ``population`` and ``cohort`` (optional, together) account a larger stated deployment
     (q = cohort / population) than the simulation runs; the report marks it as extrapolated.
+    ``delta``: null means 1 / (10 N) for N devices (the stated population when extrapolating); a
+    delta >= 1/N is refused. ``secure_mode``: noise drawn with Opacus' floating-point-attack
+    mitigation (server noise and device shares).
     """
 
     noise: str = "central"
@@ -126,26 +135,31 @@ class UserPrivacyConfig:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     count_noise_multiplier: float = 10.0
-    delta: float = 1e-3
+    delta: Optional[float] = None
     accountant: str = "pld"
     target_epsilon: Optional[float] = None
     population: Optional[int] = None
     cohort: Optional[int] = None
     secure_threshold: int = 3
+    secure_mode: bool = False
 
 
 @dataclass
 class PrivacyConfig:
     """``name`` is ``none``, ``sample``, ``user`` or ``both``; a block is null when that level is off.
 
-    ``max_epsilon`` (optional): the server stops before a round that would take the user-level
-    epsilon past it.
+    ``max_epsilon`` (optional): the server stops before a round that would take any level that is
+    on past it (user-level epsilon, every observer's; sample-level epsilon of a device taking part
+    in every round). ``reproducible``: derive every DP secret from ``seed`` (simulation only) for
+    exact reruns -- then the noise protects against no one who holds the config, and every report
+    says so. The default draws secrets from the OS CSPRNG.
     """
 
     name: str = "none"
     sample: Optional[SamplePrivacyConfig] = None
     user: Optional[UserPrivacyConfig] = None
     max_epsilon: Optional[float] = None
+    reproducible: bool = False
 
 
 @dataclass
@@ -254,6 +268,8 @@ _CHOICES = {
     "privacy.name": ("none", "sample", "user", "both"),
     "privacy.user.noise": ("central", "local", "distributed"),
     "privacy.user.clipping": ("fixed", "adaptive", "per_layer"),
+    "privacy.user.accountant": ("pld", "rdp"),
+    "privacy.sample.accountant": ("rdp", "prv"),
     "federation.sampling": ("poisson", "fixed"),
 }
 
@@ -265,6 +281,8 @@ def validate(cfg: Config) -> None:
         "privacy.name": cfg.privacy.name,
         "privacy.user.noise": cfg.privacy.user.noise if cfg.privacy.user else "central",
         "privacy.user.clipping": cfg.privacy.user.clipping if cfg.privacy.user else "fixed",
+        "privacy.user.accountant": cfg.privacy.user.accountant if cfg.privacy.user else "pld",
+        "privacy.sample.accountant": cfg.privacy.sample.accountant if cfg.privacy.sample else "rdp",
         "federation.sampling": cfg.federation.sampling,
     }
     for key, value in values.items():
@@ -286,5 +304,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("data.eval_path needs a reader corpus (kaldi, fsdd, librispeech, manifest), not embedded")
     if bool(cfg.data.public_corpus) != bool(cfg.data.public_path):
         raise ValueError("data.public_corpus and data.public_path go together")
+    if cfg.privacy.sample is not None and not 0.0 < cfg.privacy.sample.sample_rate <= 1.0:
+        raise ValueError("privacy.sample.sample_rate is a probability in (0, 1]")
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

@@ -1,39 +1,30 @@
 """The message contract between server and devices: record keys and metric names.
 
 A device's reply carries only ``ARRAYS`` (model weights, the model's own shapes) and ``METRICS``
-(scalars); nothing per utterance, no audio, features or transcripts.
+(scalars); nothing per utterance, no audio, features or transcripts. Under any privacy level a
+training reply's metrics are only the echo of the mechanism's public parameters (the keys of
+``fl.privacy.sample.SampleLevel`` and ``fl.privacy.user.UserRound``), the adaptive-clipping bit
+and ``declined``; example counts, losses and test metrics are sent only without privacy
+(``clients/guard.py`` enforces it, docs/privacy.md lists it).
 """
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 
-# config keys sent by the server
+# config keys sent by the server (the privacy parameters are the level objects' own keys)
 ROUND = "server-round"
 
-# metric keys returned by devices
+# metric keys returned by devices without privacy only
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
-EPSILON_SAMPLE = "epsilon-sample"
-DP_STEPS = "dp-steps"
-SAMPLE_RATE = "sample-rate"
-NOISE_MULTIPLIER = "noise-multiplier"
-MAX_GRAD_NORM = "max-grad-norm"
-EMPTY_STEPS = "empty-steps"
-SECONDS = "seconds"
 WER = "wer"
 CER = "cer"
 LOSS = "loss"
 WORDS = "words"
 CHARS = "chars"
 
-# more config keys sent by the server
-CLIP_NORM = "clip-norm"
-NOISE_COHORT = "noise-cohort"
-PLANNED_ROUNDS = "planned-rounds"
-PARTICIPATION = "participation"
-
-# more metric keys returned by devices
+# metric keys of every mode
 DECLINED = "declined"
 CLIP_BIT = "clip-bit"
 

@@ -6,7 +6,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,31 @@ def freeze_except(model: nn.Module, trainable: str) -> int:
     if count == 0:
         raise ValueError(f"train.trainable={trainable!r} matches no parameter of the model")
     return count
+
+
+def adam_step_bound(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """The largest |m_hat / sqrt(v_hat)| of step ``t`` of Adam from a fresh state, whatever the gradients.
+
+    By Cauchy-Schwarz, |m_t| <= (1 - b1) sqrt(sum_{k<t} (b1^2/b2)^k) sqrt(v_t / (1 - b2)); with the bias
+    corrections the ratio is at most that times sqrt(1 - b2^t) / (1 - b1^t) (1 at t = 1; about 1.03
+    at t = 8 for the default betas). Adam's epsilon only makes the step smaller.
+    """
+    ratio = beta1 * beta1 / beta2
+    return (math.sqrt(sum(ratio**k for k in range(t))) * (1 - beta1) / math.sqrt(1 - beta2)
+            * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+
+
+def max_update_norm(train: TrainConfig, reference: Mapping[str, torch.Tensor]) -> float:
+    """The largest L2 norm an honest device's update can have after ``train.local_steps`` steps of a
+    fresh AdamW (default betas; the plain and the DP-SGD path alike) from the weights ``reference``:
+    step t moves every coordinate by at most ``lr * adam_step_bound(t)`` plus the decoupled weight
+    decay ``lr * wd * |w|``. The server drops updates above it when no user-level clipping bounds them."""
+    floats = [v for v in reference.values() if v.is_floating_point()]
+    numel = sum(v.numel() for v in floats)
+    weights = math.sqrt(sum(float(torch.linalg.vector_norm(v.double())) ** 2 for v in floats))
+    adam = train.lr * math.sqrt(numel) * sum(adam_step_bound(t) for t in range(1, train.local_steps + 1))
+    decay = train.lr * train.weight_decay * train.local_steps * (weights + adam)  # |w| never exceeds weights + adam
+    return (adam + decay) * 1.01
 
 
 def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfig,

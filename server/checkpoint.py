@@ -1,17 +1,25 @@
-"""The server's checkpoint: everything a run needs to continue after it was interrupted.
+"""The server's private state: everything a run needs to continue after it was interrupted.
 
-After every round the server writes ``checkpoints/server-state.pt`` atomically -- global model,
-round number, the cohort sampler's RNG state, the user-level accountant and noise generator, the
-sample-level ledger and every result row so far -- *before* it publishes that round (its model
-checkpoint and results row). A round is therefore either committed, or it never left the server,
-and a resumed run (``resume=true``) redoes exactly the uncommitted one: with the same devices
-(``server/devices.py``), the same cohort and the same noise, it ends with the results an
-uninterrupted run would have. Devices answer a round they already answered as
-``clients/replay.py`` says, so resuming never spends privacy budget twice unnoticed.
+The server's state lives in ``private/`` (mode 0700, files 0600), apart from what a run publishes
+(``checkpoints/round-NNN.pt``, ``results.jsonl``, ``summary.json``): the run secret
+(``private/server-secret``, every DP draw of the server comes from it) and ``private/server-state.pt``
+-- global model, round number, the user-level accountant's per-round (q, z) history and adaptive
+clip norm, the participation ledger (rounds charged per device key) and every result row so far.
+
+Commit before release: after a round's aggregation the server writes its state atomically
+*before* the new model goes anywhere -- to server-side evaluation, to devices for federated
+evaluation, or to the published checkpoint -- and again once the round's row is measured. A round
+is therefore either committed, or nothing computed from it ever left the server, and a resumed run
+(``resume=true``) redoes exactly the uncommitted one (with the same devices, ``server/devices.py``,
+the same cohort and the same noise streams), or only the measurement of a committed one. Devices
+answer a round they already answered as ``clients/state.py`` says, so resuming never spends
+privacy budget twice unnoticed; the accountant composes the recorded history, whatever the
+population is when the run resumes.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,31 +27,53 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-STATE = "server-state.pt"
+from fl.privacy.randomness import Secret, private_dir
+
+PRIVATE, STATE, SECRET = "private", "server-state.pt", "server-secret"
 NOT_COMPARED = ("resume",)
 """Config keys a resumed run may change: everything else must match the interrupted run."""
 
 
 @dataclass
 class ServerState:
+    """``round``: the last round aggregated; ``rows`` hold its row once it was measured."""
+
     round: int
     arrays: dict[str, Tensor]
-    rng: tuple
     rows: list[dict[str, Any]]
-    sample: dict[str, Any]
+    ledger: dict[str, Any]
     user: Optional[dict[str, Any]]
     config: dict[str, Any]
 
+    @property
+    def measured(self) -> bool:
+        return len(self.rows) == self.round + 1
+
+
+def private_path(out_dir: Path) -> Path:
+    """The run's private folder (created owner-only)."""
+    return private_dir(Path(out_dir) / PRIVATE)
+
 
 def state_path(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints" / STATE
+    return Path(out_dir) / PRIVATE / STATE
+
+
+def run_secret(out_dir: Path, reproducible_seed: Optional[int]) -> Secret:
+    """The server's run secret: kept in ``private/server-secret`` (or derived from the seed when reproducible)."""
+    if reproducible_seed is not None:
+        return Secret.from_seed(reproducible_seed, "server")
+    return Secret.load_or_create(private_path(out_dir) / SECRET)
 
 
 def save(out_dir: Path, state: ServerState) -> None:
-    path = state_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = private_path(out_dir) / STATE
     tmp = path.with_suffix(".tmp")
-    torch.save(state.__dict__, tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        torch.save(state.__dict__, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 

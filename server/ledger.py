@@ -1,60 +1,63 @@
-"""The server's view of sample-level privacy: each device's latest self-reported cumulative spend.
+"""The server's participation ledger: how many rounds each device was charged, and nothing else.
 
-Devices report their cumulative epsilon in every train *and* evaluate reply, so a device whose
-training reply was lost is caught up at the next evaluation. A device that was sent training but
-has not reported since is listed as unconfirmed: its spend may be higher than the server knows.
-Devices are named by their stable keys (``server/devices.py``), so the ledger survives a resume.
+A device sent a training request is charged for that round unless it validly declined: a reply
+that was lost, failed or was rejected may come from a device that trained, so it counts (a
+device that dropped after training has spent its budget). Devices are named by their stable keys
+(``server/devices.py``), so the ledger survives a resume. The server knows all of this anyway --
+it picked the cohorts -- and keeps no per-device figure a device sent (no example counts, test
+metrics, timings): every epsilon it reports is computed here from the public mechanism
+parameters and these counts, by the level objects that own them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-from fl import protocol as P
-from server.rounds import Replies
+from fl.privacy.sample import SampleLevel
+from fl.privacy.user import UserLevel
 
 
-class SampleLedger:
-    def __init__(self, delta: Optional[float], accountant: Optional[str]) -> None:
-        self.delta = delta
-        self.accountant = accountant
-        self.by_device: dict[int, dict[str, float]] = {}
-        self.unconfirmed: set[int] = set()
+class ParticipationLedger:
+    def __init__(self) -> None:
+        self.charged: dict[int, int] = {}
 
-    def sent_training(self, devices: list[int]) -> None:
-        self.unconfirmed |= set(devices)
-
-    def update(self, replies: Replies, key_of: Callable[[int], int]) -> None:
-        for m in replies.ok:
-            self.report(key_of(m.metadata.src_node_id), m.content[P.METRICS])
-
-    def report(self, device: int, metrics: Mapping[str, Any]) -> None:
-        """Take one device's reported figures (from any kind of reply)."""
-        if P.EPSILON_SAMPLE in metrics:
-            self.by_device[device] = {k: float(v) for k, v in metrics.items()}
-            self.unconfirmed.discard(device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"by_device": self.by_device, "unconfirmed": sorted(self.unconfirmed)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.by_device = {int(k): dict(v) for k, v in state["by_device"].items()}
-        self.unconfirmed = set(state["unconfirmed"])
+    def charge(self, devices: Iterable[int]) -> None:
+        for key in devices:
+            self.charged[key] = self.charged.get(key, 0) + 1
 
     @property
-    def epsilon(self) -> Optional[float]:
-        if self.delta is None or not self.by_device:
-            return None
-        return max(r[P.EPSILON_SAMPLE] for r in self.by_device.values())
+    def worst(self) -> int:
+        """The most rounds any one device was charged in this run."""
+        return max(self.charged.values(), default=0)
 
-    def block(self) -> Optional[dict[str, Any]]:
-        """The summary's ``privacy.sample``: the figures of the device with the largest epsilon."""
-        if not self.by_device:
+    def sample_epsilon(self, sample: Optional[SampleLevel], extra: int = 0) -> Optional[float]:
+        """Largest sample-level epsilon of any device in this run (``extra`` more rounds for the worst)."""
+        if sample is None:
             return None
-        worst = max(self.by_device.values(), key=lambda r: r[P.EPSILON_SAMPLE])
+        return sample.epsilon(self.worst + extra)
+
+    def user_server_epsilon(self, user: Optional[UserLevel], extra: int = 0) -> Optional[float]:
+        """Largest server-facing user-level epsilon of any device (local/distributed noise; else None)."""
+        if user is None:
+            return None
+        return user.server_facing_epsilon(self.worst + extra)
+
+    def sample_block(self, sample: Optional[SampleLevel], target: Optional[float]) -> Optional[dict[str, Any]]:
+        """The summary's ``privacy.sample``: every figure needed to recompute the worst device's epsilon."""
+        if sample is None:
+            return None
         return {
-            "noise_multiplier": worst[P.NOISE_MULTIPLIER], "max_grad_norm": worst[P.MAX_GRAD_NORM],
-            "sample_rate": worst[P.SAMPLE_RATE], "max_steps": int(worst[P.DP_STEPS]),
-            "epsilon": worst[P.EPSILON_SAMPLE], "delta": self.delta, "accountant": self.accountant,
-            "devices_unconfirmed": len(self.unconfirmed),
+            "noise_multiplier": sample.noise_multiplier, "max_grad_norm": sample.max_grad_norm,
+            "sample_rate": sample.sample_rate, "steps_per_round": sample.steps, "max_rounds": self.worst,
+            "max_steps": self.worst * sample.steps, "epsilon": sample.epsilon(self.worst), "delta": sample.delta,
+            "accountant": sample.accountant, "target_epsilon": target, "secure_mode": sample.secure_mode,
+            "devices_charged": len(self.charged),
+            "observer": "anyone without the device's secret (the server included); per run: a deployed "
+                        "device's own ledger also counts its earlier runs",
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"charged": dict(self.charged)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.charged = {int(k): int(v) for k, v in state["charged"].items()}

@@ -18,15 +18,19 @@ class RoundRow:
 
     ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side).
     ``device_wer``/``device_cer``: global model on the devices' own local test splits
-    (federated evaluation, pooled over all devices' words/characters).
+    (federated evaluation, pooled over all devices' words/characters; only without privacy,
+    else null: test metrics are covered by no guarantee).
     ``clients``: updates aggregated; ``declined``: devices that refused (budget spent);
-    ``failures``: devices that errored or timed out.
-    ``epsilon_sample``: largest cumulative sample-level epsilon of any device so far (null when off).
-    ``epsilon_user``: user-level epsilon of the global model after this round (null when off).
+    ``failures``: devices that errored or timed out; ``rejected``: replies the server dropped
+    (malformed, non-finite, out of bounds, wrong mechanism parameters).
+    ``epsilon_sample``: largest sample-level epsilon of any device in this run so far (null when off).
+    ``epsilon_user``: user-level epsilon towards observers of the global models after this round;
+    ``epsilon_user_server``: towards the server, for local/distributed noise (null otherwise).
     ``delta``: the sample-level delta (the user-level one when only user-level DP is on);
     ``delta_user``: the user-level delta (null when off).
-    ``seconds``: the round's wall time at the server; ``device_seconds``: the training time the
-    replying devices reported, summed (0 for round 0).
+    ``extrapolated``: the user-level epsilon describes a stated larger deployment, not this run.
+    ``randomness``: ``secret`` or the reproducible-noise label (no protection against anyone
+    holding the config). ``seconds``: the round's wall time at the server.
     """
 
     round: int
@@ -39,12 +43,15 @@ class RoundRow:
     clients: int
     declined: int
     failures: int
+    rejected: int
     epsilon_sample: Optional[float]
     epsilon_user: Optional[float]
+    epsilon_user_server: Optional[float]
     delta: Optional[float]
     delta_user: Optional[float]
+    extrapolated: bool
+    randomness: str
     seconds: float
-    device_seconds: float = 0.0
 
 
 def _clean(x: Any) -> Any:

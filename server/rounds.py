@@ -1,13 +1,22 @@
-"""One federated round's messaging: send to a cohort, collect replies, pool their metrics."""
+"""One federated round's messaging: send to a cohort, collect replies, distrust them, pool their metrics.
+
+Every reply is checked against the global model before anything is computed from it
+(:func:`check_update`: exactly the model's floating-point entries, the same shapes and dtypes,
+finite values; :func:`example_weight`: a sane example count). A reply that fails is dropped with
+its reason (:class:`Rejected`) and counted; it never crashes or poisons the round.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 
 from fl import protocol as P
 
@@ -52,6 +61,48 @@ def exchange(
     answered = {m.metadata.src_node_id for m in out.ok} | set(out.failed)
     out.failed += [n for n in nodes if n not in answered]
     return out
+
+
+class Rejected(ValueError):
+    """A reply the server drops; the message says why."""
+
+
+MAX_EXAMPLES = 10_000_000
+"""The largest example count a device may claim (FedAvg weights, without privacy only)."""
+
+
+def check_update(arrays: ArrayRecord, reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A device's update as tensors, or :class:`Rejected`: it must hold exactly the global model's
+    floating-point entries, each with the model's shape and dtype and only finite values."""
+    expected = {k: v for k, v in reference.items() if v.is_floating_point()}
+    names = set(arrays.keys())
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        raise Rejected(f"update entries differ from the model's (missing {missing[:3]}, extra {extra[:3]})")
+    out: dict[str, Tensor] = {}
+    for name, ref in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != tuple(ref.shape):
+            raise Rejected(f"{name!r} has shape {tuple(array.shape)}, the model's is {tuple(ref.shape)}")
+        if str(array.dtype) != str(ref.dtype).removeprefix("torch."):
+            raise Rejected(f"{name!r} has dtype {array.dtype!r}, the model's is {ref.dtype}")
+        try:
+            t = torch.from_numpy(array.numpy().copy())
+        except (ValueError, TypeError) as err:
+            raise Rejected(f"{name!r} does not decode: {err}") from None
+        if tuple(t.shape) != tuple(ref.shape) or not bool(torch.isfinite(t).all()):
+            raise Rejected(f"{name!r} holds non-finite values")
+        out[name] = t
+    return out
+
+
+def example_weight(metrics: Mapping[str, Any]) -> float:
+    """A device's FedAvg weight (without privacy), or :class:`Rejected` for a missing or absurd count."""
+    n = metrics.get(P.NUM_EXAMPLES)
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) \
+            or not 1 <= n <= MAX_EXAMPLES:
+        raise Rejected(f"example count {n!r} is not an integer in [1, {MAX_EXAMPLES}]")
+    return float(n)
 
 
 def train(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float,

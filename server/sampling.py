@@ -4,6 +4,8 @@
 sampling that the amplification-by-subsampling theorem for user-level DP assumes.
 ``fixed``: exactly ``expected`` devices drawn without replacement; the user-level accountant then
 claims no amplification (see ``fl/privacy/accounting.py``).
+The coins come from the server's secret stream for the round (``Secret.random(COHORT, round)``):
+who was sampled is not derivable from the config, which amplification by sampling needs.
 """
 
 from __future__ import annotations

@@ -31,9 +31,11 @@ Trust and threat model (what "the server learns only the sum" rests on):
     the decoded sum is sum_i Q(clip_R(update_i)), within ``m * 2R / Q`` per coordinate of the true
     sum for m contributors; R must be chosen so no coordinate is range-clipped
     (``clipping_range_for``).
-  * Per-device scalar metrics (epsilon spent, seconds, declined, ...) still travel in clear, as
-    in ordinary rounds; only the arrays are aggregated securely. Weights are forced to 1: the
-    result is the unweighted sum.
+  * Per-device scalar metrics travel in clear, as in ordinary rounds: under privacy they are only
+    the echo of the public mechanism parameters (``clients/guard.py``); only the arrays are
+    aggregated securely. Weights are forced to 1: the result is the unweighted sum.
+  * The server distrusts the decoded sum: ``fl.privacy.user.UserLevel.check_total`` must accept it
+    (finite, within the norm of honest clipped and noised updates) or the round releases nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from torch import Tensor
 from fl import protocol as P
 from fl.privacy import masks
 from fl.privacy.secagg import MODULUS_RANGE, SECURE_NAMES, quantization_range_for
+from fl.privacy.user import WIRE_COHORT
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +131,8 @@ def secure_sum(
     """
     if isinstance(min_contributors, bool) or not isinstance(min_contributors, int) or min_contributors < 3:
         raise ValueError(f"min_contributors must be an integer >= 3, got {min_contributors!r}")
-    if int(config.get(P.NOISE_COHORT, 0)) > min_contributors:
-        raise ValueError(f"noise cohort {config[P.NOISE_COHORT]} exceeds min_contributors {min_contributors}: "
+    if int(config.get(WIRE_COHORT, 0)) > min_contributors:
+        raise ValueError(f"noise cohort {config[WIRE_COHORT]} exceeds min_contributors {min_contributors}: "
                          "a decodable sum could carry less than the accounted noise")
     if not clipping_range > 0:
         raise ValueError(f"clipping_range must be > 0, got {clipping_range!r}")

@@ -1,14 +1,16 @@
 """The Flower ServerApp: the round loop, aggregation, evaluation, checkpoints and results.
 
-Each round: sample devices (Poisson by default), send them the global model, combine the updates
-they send back (example-weighted FedAvg, or the user-level DP average of ``server/user_dp.py``),
-evaluate the new global model on held-out speakers (server side) and, every ``device_eval_every``
-rounds and after the last, on the devices' local test splits (federated evaluation; all devices,
-or ``eval_devices`` of them drawn afresh each time), checkpoint
-it, and append a row to ``results.jsonl`` with the privacy spent so far. A user-level budget
-(``max_epsilon``) stops the run before a round that would exceed it. Every round is committed to
-``checkpoints/server-state.pt`` before it is published, and ``resume`` continues from there
-(``server/checkpoint.py``).
+Each round: sample devices (Poisson by default, with the server's secret coins), send them the
+global model and the exact privacy parameters they must use, check every reply against the global
+model and those parameters (dropping bad ones with a reason), combine the rest (example-weighted
+FedAvg without privacy, the unweighted mean under sample-level DP, the user-level DP average of
+``fl/privacy/user.py``), commit the new model and the round's accounting to the private state
+(``server/checkpoint.py``) *before* the model goes anywhere, then evaluate it on held-out
+speakers (server side) and -- without privacy only -- on the devices' local test splits
+(federated evaluation every ``device_eval_every`` rounds and after the last, on all devices or
+``eval_devices`` of them), publish its checkpoint and append a row to ``results.jsonl`` with the
+privacy spent so far, each epsilon named for its observer. ``privacy.max_epsilon`` stops the run
+before a round that would take any level past it; ``resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -16,32 +18,38 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from fl import protocol as P
-from fl.config import Config, ModelConfig, UserPrivacyConfig
+from fl.config import Config, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
+from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL, Secret
+from fl.privacy.sample import SampleLevel
 from fl.privacy.secagg import clipping_range_for
-from fl.privacy.user import noise_std_per_device
+from fl.privacy.user import UserLevel, update_norm
 from fl.train import evaluate as evaluate_model
+from fl.train import max_update_norm
 from server import checkpoint, rounds
 from server.aggregate import fedavg
 from server.devices import Devices, identify
-from server.ledger import SampleLedger
+from server.ledger import ParticipationLedger
 from server.results import ResultsWriter, RoundRow
+from server.rounds import Rejected, check_update, example_weight
 from server.sampling import participation_rate, sample_cohort
 from server.secure_round import secure_sum
-from server.user_dp import UserLevelDP
 
 log = logging.getLogger(__name__)
+
+FEDERATED_EVAL_OFF = ("off: privacy is on, and per-device test metrics are covered by no DP guarantee, so devices "
+                      "send none (the simulation's experimenter-view evaluation is in summary.simulation_eval)")
 
 
 @dataclass(frozen=True)
@@ -52,14 +60,15 @@ class ServerSettings:
     round_timeout: float
     seed: int
     model: ModelConfig
+    train: TrainConfig
     initial_weights: str
     eval_examples: str
     config: dict[str, Any]
     sampling: str = "poisson"
-    sample_delta: Optional[float] = None
-    sample_accountant: Optional[str] = None
+    sample: Optional[SamplePrivacyConfig] = None
     user: Optional[UserPrivacyConfig] = None
     max_epsilon: Optional[float] = None
+    reproducible: bool = False
     device_eval_every: int = 1
     eval_devices: int = 0
     resume: bool = False
@@ -68,15 +77,19 @@ class ServerSettings:
     def from_config(cls, cfg: Config, resolved: dict[str, Any], out_dir: str, initial_weights: str,
                     eval_examples: str) -> "ServerSettings":
         """The server's part of a run's config (``resolved`` is recorded in the summary and checkpoint)."""
-        sample, fed = cfg.privacy.sample, cfg.federation
+        fed = cfg.federation
         return cls(
             out_dir=out_dir, rounds=fed.rounds, clients_per_round=fed.clients_per_round,
-            round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, initial_weights=initial_weights,
-            eval_examples=eval_examples, config=resolved, sampling=fed.sampling,
-            sample_delta=sample.delta if sample else None, sample_accountant=sample.accountant if sample else None,
-            user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon, device_eval_every=fed.device_eval_every,
+            round_timeout=fed.round_timeout, seed=cfg.seed, model=cfg.model, train=cfg.train,
+            initial_weights=initial_weights, eval_examples=eval_examples, config=resolved, sampling=fed.sampling,
+            sample=cfg.privacy.sample, user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon,
+            reproducible=cfg.privacy.reproducible, device_eval_every=fed.device_eval_every,
             eval_devices=fed.eval_devices, resume=cfg.resume,
         )
+
+    @property
+    def private(self) -> bool:
+        return self.sample is not None or self.user is not None
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -95,54 +108,136 @@ def _apply(arrays: ArrayRecord, update: dict[str, torch.Tensor]) -> ArrayRecord:
 
 @dataclass
 class RoundOutcome:
-    """How one training round went: updates aggregated, devices that declined or failed."""
+    """How one training round went: updates aggregated, devices that declined, failed, or were rejected."""
 
     updates: int = 0
     declined: int = 0
     failures: int = 0
-    losses: list[float] = field(default_factory=list)
-    device_seconds: float = 0.0
+    rejected: int = 0
+    train_loss: Optional[float] = None
+
+
+@dataclass
+class Mechanisms:
+    """The run's privacy mechanisms (None = that level is off) and the server's secret."""
+
+    sample: Optional[SampleLevel]
+    user: Optional[UserLevel]
+    secret: Secret
+
+    def device_config(self) -> dict[str, Any]:
+        """The exact parameters devices must use this round (they echo them back)."""
+        out: dict[str, Any] = {}
+        if self.sample:
+            out |= self.sample.to_config()
+        if self.user:
+            out |= self.user.round().to_config()
+        return out
+
+    def check_echo(self, metrics: Any) -> None:
+        try:
+            if self.sample:
+                self.sample.check_echo(metrics)
+            if self.user:
+                self.user.round().check_echo(metrics)
+        except ValueError as err:
+            raise Rejected(str(err)) from None
+
+
+def _is_declined(m: Message) -> bool:
+    return P.ARRAYS not in m.content and bool(m.content[P.METRICS].get(P.DECLINED))
 
 
 def _plain_round(
-    grid: Grid, s: ServerSettings, user: Optional[UserLevelDP], ledger: SampleLedger, devices: Devices,
-    cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
-) -> tuple[ArrayRecord, RoundOutcome]:
-    """Devices reply with their updates in clear; FedAvg them, or average them privately (user-level)."""
-    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, extra)
-    ledger.update(replies, devices.key_of)
-    usable = [m for m in replies.ok if P.ARRAYS in m.content]
-    updates = [m.content[P.ARRAYS].to_torch_state_dict() for m in usable]
-    if user:
-        bits = [float(m.content[P.METRICS][P.CLIP_BIT]) for m in usable if P.CLIP_BIT in m.content[P.METRICS]]
-        arrays = _apply(arrays, user.aggregate(updates, arrays.to_torch_state_dict(), bits))
-    elif usable:
-        weights = [float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in usable]
-        arrays = _apply(arrays, fedavg([m.content[P.ARRAYS] for m in usable], weights).to_torch_state_dict())
+    grid: Grid, s: ServerSettings, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord,
+    r: int,
+) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
+    """Devices reply with their updates in clear; each is checked, then FedAvg'd or averaged privately.
+
+    Returns the new model, the outcome and the keys of the devices that validly declined."""
+    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, mech.device_config())
+    reference = arrays.to_torch_state_dict()
+    outcome = RoundOutcome(failures=len(replies.failed))
+    updates: list[dict[str, torch.Tensor]] = []
+    weights, bits, losses, declined = [], [], [], []
+    bound = max_update_norm(s.train, reference)
+    for m in replies.ok:
+        key = devices.key_of(m.metadata.src_node_id)
+        if _is_declined(m):
+            declined.append(key)
+            continue
+        try:
+            if P.ARRAYS not in m.content:
+                raise Rejected("a reply with neither an update nor a declined flag")
+            metrics = m.content[P.METRICS]
+            mech.check_echo(metrics)
+            update = check_update(m.content[P.ARRAYS], reference)
+            if mech.user:
+                try:
+                    update = mech.user.check_update(update)
+                except ValueError as err:
+                    raise Rejected(str(err)) from None
+                if mech.user.adaptive:
+                    bit = metrics.get(P.CLIP_BIT)
+                    if bit not in (0, 0.0, 1, 1.0):
+                        raise Rejected(f"clip bit {bit!r} is not 0 or 1")
+                    bits.append(float(bit))  # type: ignore[arg-type]
+            elif update_norm(update) > bound:
+                raise Rejected(f"update norm {update_norm(update):.4g} is above {bound:.4g}, the most "
+                               f"{s.train.local_steps} AdamW steps at lr {s.train.lr} can move the weights")
+            weight = example_weight(metrics) if not s.private else 1.0
+        except Exception as err:  # noqa: BLE001 -- the trust boundary: whatever a reply holds, it never crashes a round
+            log.warning("round %d: dropped the reply of device %s: %s", r, key, err)
+            outcome.rejected += 1
+            continue
+        updates.append(update)
+        weights.append(weight)
+        if not s.private and isinstance(metrics.get(P.TRAIN_LOSS), float):
+            losses.append(float(metrics[P.TRAIN_LOSS]))  # type: ignore[arg-type]
+    outcome.updates, outcome.declined = len(updates), len(declined)
+    outcome.train_loss = sum(losses) / len(losses) if losses else None
+    if mech.user:
+        arrays = _apply(arrays, mech.user.aggregate(updates, reference, bits, mech.secret, r))
+    elif updates:
+        records = [ArrayRecord(u) for u in updates]
+        arrays = _apply(arrays, fedavg(records, weights).to_torch_state_dict())
     else:
-        log.warning("round %d: no device returned an update; the global model is unchanged", r)
-    return arrays, RoundOutcome(len(usable), len(replies.ok) - len(usable), len(replies.failed),
-                                replies.metric(P.TRAIN_LOSS), sum(replies.metric(P.SECONDS)))
+        log.warning("round %d: no usable update; the global model is unchanged", r)
+    return arrays, outcome, declined
 
 
 def _secure_round(
-    grid: Grid, s: ServerSettings, user: UserLevelDP, ledger: SampleLedger, devices: Devices,
-    cohort: list[int], arrays: ArrayRecord, r: int, extra: dict[str, Any],
-) -> tuple[ArrayRecord, RoundOutcome]:
-    """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is averaged."""
+    grid: Grid, s: ServerSettings, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord,
+    r: int,
+) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
+    """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is checked and averaged.
+
+    A sum that is not finite, exceeds the norm of honest updates, or comes with a wrong echo of the
+    parameters releases nothing (the model is unchanged) and the round is still accounted."""
+    user = mech.user
+    assert user is not None
     reference = arrays.to_torch_state_dict()
     numel = sum(v.numel() for v in reference.values() if v.is_floating_point())
-    std = noise_std_per_device("distributed", user.z_update, user.clip_norm, user.cfg.secure_threshold)
-    result = secure_sum(grid, devices.nodes(cohort), arrays, r, extra, s.round_timeout,
-                        clipping_range=clipping_range_for(user.clip_norm, std, numel, max(1, len(cohort))),
+    this = user.round()
+    result = secure_sum(grid, devices.nodes(cohort), arrays, r, mech.device_config(), s.round_timeout,
+                        clipping_range=clipping_range_for(this.clip_norm, this.device_std, numel, max(1, len(cohort))),
                         min_contributors=user.cfg.secure_threshold)
-    for node, metrics in result.metrics.items():
-        ledger.report(devices.key_of(node), metrics)
-    arrays = _apply(arrays, user.aggregate([result.total] if result.total is not None else [], reference, []))
-    declined = sum(1 for m in result.metrics.values() if m.get(P.DECLINED))
-    seconds = sum(float(m[P.SECONDS]) for m in result.metrics.values() if P.SECONDS in m)
-    return arrays, RoundOutcome(len(result.contributed) - declined, declined, len(result.failed),
-                                device_seconds=seconds)
+    declined = [devices.key_of(n) for n, m in result.metrics.items() if m.get(P.DECLINED)]
+    outcome = RoundOutcome(updates=len(result.contributed) - len(declined), declined=len(declined),
+                           failures=len(result.failed))
+    total = result.total
+    try:
+        for metrics in result.metrics.values():
+            mech.check_echo(metrics)
+        if total is not None:
+            user.check_total(total, len(result.contributed), result.step)
+    except ValueError as err:
+        log.warning("round %d: the secure sum releases nothing: %s", r, err)
+        outcome.rejected, outcome.updates, total = outcome.updates, 0, None
+    if total is None:
+        user.record_round()  # the devices' noised shares were decoded or lost: account the round anyway
+        return arrays, outcome, declined
+    return _apply(arrays, user.aggregate([total], reference, [], mech.secret, r)), outcome, declined
 
 
 def _evaluated(keys: list[int], cap: int, seed: int, r: int) -> list[int]:
@@ -150,6 +245,14 @@ def _evaluated(keys: list[int], cap: int, seed: int, r: int) -> list[int]:
     if cap <= 0 or cap >= len(keys):
         return keys
     return sorted(random.Random(f"unheard-eval:{seed}:{r}").sample(keys, cap))
+
+
+def _mechanisms(s: ServerSettings, population: int) -> Mechanisms:
+    """The run's mechanisms, built from config in one place (raises ``ValueError`` for an impossible one)."""
+    sample = SampleLevel.from_config(s.sample, s.train, s.rounds) if s.sample else None
+    user = UserLevel(s.user, population, s.clients_per_round, s.sampling, s.rounds) if s.user else None
+    secret = checkpoint.run_secret(Path(s.out_dir), s.seed if s.reproducible else None)
+    return Mechanisms(sample, user, secret)
 
 
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
@@ -162,94 +265,98 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     eval_set = torch.load(s.eval_examples, weights_only=False)
     arrays = ArrayRecord(model.state_dict())
     writer = ResultsWriter(out)
-    ledger = SampleLedger(s.sample_delta, s.sample_accountant)
-    rng = random.Random(s.seed)
+    ledger = ParticipationLedger()
     nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout)
     if not nodes:
         raise RuntimeError("no devices connected: nothing to train on")
     devices = identify(grid, nodes, s.round_timeout)
     participation = participation_rate(s.clients_per_round, len(nodes))
-    user = (UserLevelDP(s.user, len(nodes), s.clients_per_round, s.sampling, s.rounds, s.seed)
-            if s.user else None)
+    mech = _mechanisms(s, len(nodes))
+    sample, user = mech.sample, mech.user
+    randomness = REPRODUCIBLE_LABEL if s.reproducible else "secret"
+    if s.reproducible:
+        log.warning("privacy.reproducible=true: %s", REPRODUCIBLE_LABEL)
     log.info("%d devices, %s sampling of %d a round (q = %.3f)", len(nodes), s.sampling, s.clients_per_round,
              participation)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     stopped: Optional[str] = None
 
     def measure(r: int, started: float, outcome: Optional[RoundOutcome]) -> RoundRow:
+        """Evaluate the committed model of round ``r`` (federated evaluation only without privacy)."""
         model.load_state_dict(arrays.to_torch_state_dict())
         central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
         dwer = dcer = None
-        if r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0):
+        if not s.private and (r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0)):
             fed = rounds.evaluate(grid, devices.nodes(_evaluated(devices.keys, s.eval_devices, s.seed, r)), arrays, r,
                                   s.round_timeout, {})
-            ledger.update(fed, devices.key_of)
             dwer, dcer = rounds.pooled_error_rates(fed)
         o = outcome or RoundOutcome()
         return RoundRow(
             round=r, wer=central.wer, cer=central.cer, loss=central.loss, device_wer=dwer, device_cer=dcer,
-            train_loss=sum(o.losses) / len(o.losses) if o.losses else None,
-            clients=o.updates, declined=o.declined, failures=o.failures,
-            epsilon_sample=ledger.epsilon, epsilon_user=user.epsilon() if user else None,
-            delta=s.sample_delta if s.sample_delta is not None else (user.cfg.delta if user else None),
-            delta_user=user.cfg.delta if user else None,
-            seconds=time.perf_counter() - started, device_seconds=o.device_seconds,
+            train_loss=o.train_loss, clients=o.updates, declined=o.declined, failures=o.failures,
+            rejected=o.rejected, epsilon_sample=ledger.sample_epsilon(sample),
+            epsilon_user=user.epsilon() if user else None, epsilon_user_server=ledger.user_server_epsilon(user),
+            delta=sample.delta if sample else (user.delta if user else None),
+            delta_user=user.delta if user else None, extrapolated=bool(user and user.extrapolated),
+            randomness=randomness, seconds=time.perf_counter() - started,
         )
 
-    def commit(row: RoundRow) -> None:
-        """Checkpoint the server's whole state, then publish the round (model checkpoint, results row)."""
-        rows = [asdict(r) for r in writer.rows] + [asdict(row)]
+    def commit(r: int, rows: list[RoundRow]) -> None:
+        """Write the server's private state: the model and accounting of round ``r`` and the rows so far."""
         checkpoint.save(out, checkpoint.ServerState(
-            round=row.round, arrays=arrays.to_torch_state_dict(), rng=rng.getstate(), rows=rows,
-            sample=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config))
-        publish(row)
+            round=r, arrays=arrays.to_torch_state_dict(), rows=[asdict(row) for row in rows],
+            ledger=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config))
 
     def publish(row: RoundRow) -> None:
         torch.save({"round": row.round, "state_dict": arrays.to_torch_state_dict()},
                    out / "checkpoints" / f"round-{row.round:03d}.pt")
         writer.append(row)
 
+    def finish(r: int, started: float, outcome: Optional[RoundOutcome]) -> RoundRow:
+        """Measure the committed round ``r``, commit its row, then publish it."""
+        row = measure(r, started, outcome)
+        commit(r, writer.rows + [row])
+        publish(row)
+        return row
+
+    first = 1
     if resumed is None:
-        commit(measure(0, time.perf_counter(), None))
-        first = 1
+        commit(0, [])
+        finish(0, time.perf_counter(), None)
     else:
         arrays = ArrayRecord(resumed.arrays)
-        rng.setstate(resumed.rng)
-        ledger.load_state_dict(resumed.sample)
+        ledger.load_state_dict(resumed.ledger)
         if user and resumed.user:
             user.load_state_dict(resumed.user)
         rows = [RoundRow(**r) for r in resumed.rows]
-        writer.restore(rows[:-1])
-        publish(rows[-1])  # again: the interruption may have come between commit and publish
+        if resumed.measured:
+            writer.restore(rows[:-1])
+            publish(rows[-1])  # again: the interruption may have come between commit and publish
+        else:  # aggregated and committed, never measured or published: measure it now
+            writer.restore(rows)
+            finish(resumed.round, time.perf_counter(), None)
         first = resumed.round + 1
         log.info("resuming after round %d of %d from %s", resumed.round, s.rounds, checkpoint.state_path(out))
     with Progress() as progress:
         bar = progress.add_task("federated rounds", total=s.rounds, completed=first - 1)
         for r in range(first, s.rounds + 1):
-            if user and s.max_epsilon is not None and user.epsilon(r) > s.max_epsilon:
-                stopped = f"round {r} would take user-level epsilon to {user.epsilon(r):.3f} > {s.max_epsilon}"
+            stopped = _budget_stop(s, mech, ledger, r)
+            if stopped:
                 log.warning("budget stop: %s", stopped)
                 break
             started = time.perf_counter()
-            cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, rng)
-            extra = {P.PLANNED_ROUNDS: s.rounds, P.PARTICIPATION: participation}
-            if user:
-                extra |= user.device_config()
-            ledger.sent_training(cohort)
-            if user and user.secure:
-                arrays, outcome = _secure_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
-            else:
-                arrays, outcome = _plain_round(grid, s, user, ledger, devices, cohort, arrays, r, extra)
+            cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, mech.secret.random(COHORT, r))
+            run_round = _secure_round if user and user.secure else _plain_round
+            arrays, outcome, declined = run_round(grid, s, mech, devices, cohort, arrays, r)
+            ledger.charge(k for k in cohort if k not in set(declined))
+            commit(r, writer.rows)  # before the new model goes anywhere
             trained = time.perf_counter()
-            row = measure(r, started, outcome)
-            measured = time.perf_counter()
-            commit(row)
-            log.info("round %d: %.2f s with the devices (their training: %.2f s in all), %.2f s evaluating, "
-                     "%.2f s checkpointing", r, trained - started, outcome.device_seconds, measured - trained,
-                     time.perf_counter() - measured)
-            log.info("round %d: WER %.3f, device WER %s, eps sample %s user %s (%d updates, %d declined, %d failed)",
-                     r, row.wer, row.device_wer, row.epsilon_sample, row.epsilon_user, row.clients, row.declined,
-                     row.failures)
+            row = finish(r, started, outcome)
+            log.info("round %d: %.2f s with the devices, %.2f s evaluating and checkpointing", r,
+                     trained - started, time.perf_counter() - trained)
+            log.info("round %d: WER %.3f, eps sample %s, user %s (models) %s (server); %d updates, %d declined, "
+                     "%d failed, %d rejected", r, row.wer, row.epsilon_sample, row.epsilon_user,
+                     row.epsilon_user_server, row.clients, row.declined, row.failures, row.rejected)
             progress.update(bar, advance=1, description=f"round {r}: WER {row.wer:.3f}")
     seed, final = writer.rows[0], writer.rows[-1]
     writer.write_summary({
@@ -260,9 +367,32 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         "resumed_after": resumed.round if resumed else None,
         "stopped_early": stopped,
         "seconds": sum(row.seconds for row in writer.rows),
-        "privacy": {"sample": ledger.block(), "user": user.block() if user else None},
+        "federated_evaluation": FEDERATED_EVAL_OFF if s.private else "on",
+        "privacy": {
+            "randomness": randomness,
+            "sample": ledger.sample_block(sample, s.sample.target_epsilon if s.sample else None),
+            "user": user.block(ledger.worst) if user else None,
+        },
     })
     return writer.rows
+
+
+def _budget_stop(s: ServerSettings, mech: Mechanisms, ledger: ParticipationLedger, r: int) -> Optional[str]:
+    """Why round ``r`` must not run under ``privacy.max_epsilon`` (None if it may)."""
+    if s.max_epsilon is None:
+        return None
+    checks = []
+    if mech.user:
+        checks.append(("user-level epsilon (models)", mech.user.epsilon(extra_rounds=1)))
+        server_eps = ledger.user_server_epsilon(mech.user, extra=1)
+        if server_eps is not None:
+            checks.append(("user-level epsilon (server)", server_eps))
+    if mech.sample:
+        checks.append(("sample-level epsilon (worst device)", ledger.sample_epsilon(mech.sample, extra=1)))
+    for what, eps in checks:
+        if eps is not None and eps > s.max_epsilon:
+            return f"round {r} would take {what} to {eps:.3f} > {s.max_epsilon}"
+    return None
 
 
 def _scores(row: RoundRow) -> dict[str, Optional[float]]:

@@ -11,6 +11,18 @@ from fl.config import ModelConfig
 from fl.data.features import Example
 from fl.data.text import CharTokenizer
 
+SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "central_run", "secure_run", "deployment", "ray_head"}
+"""Fixtures that run a simulation or a deployment: a test using one is marked ``slow``."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every end-to-end test (one that needs a simulation or a deployment) as ``slow``:
+    ``make test-fast`` (``pytest -m "not slow"``) runs the rest in about two minutes."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 TINY = ModelConfig(n_mels=16, d_model=32, layers=2, heads=2, ff_mult=2, conv_kernel=5, subsample=3, dropout=0.0)
 
 
@@ -70,3 +82,13 @@ def smoke_run(tmp_path_factory, sim_cache) -> Path:
     return simulate(tmp_path_factory.mktemp("smoke"), sim_cache, "federation.sampling=fixed",
                     "federation.audit_outbound=true", "audit.membership=true", "audit.canaries=2",
                     "audit.canary_references=7", "audit.max_utterances=20")
+
+
+@pytest.fixture(scope="session")
+def private_run(tmp_path_factory, sim_cache) -> Path:
+    """privacy=both (central user-level noise), every training reply lost, a budget that stops the run."""
+    return simulate(
+        tmp_path_factory.mktemp("both"), sim_cache, "privacy=both", "federation.rounds=3",
+        "federation.drop_after_training=1.0", "privacy.sample.noise_multiplier=3.0",
+        "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=1.5",
+    ) / "run"

@@ -3,12 +3,15 @@ Gaussian mechanism, calibrates round-trip; sample-level calibration through Opac
 
 import math
 
+import dp_accounting
 import pytest
+from dp_accounting.pld import PLDAccountant
 from opacus.accountants import RDPAccountant
 
 from fl.privacy.accounting import (
     UserLevelSpec,
     calibrate_noise_multiplier,
+    composed_epsilon,
     extrapolate,
     sample_level_noise_multiplier,
     user_level_epsilon,
@@ -148,3 +151,38 @@ def test_sample_level_noise_multiplier_reaches_its_target_in_opacus():
         sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=0)
     with pytest.raises(ValueError, match="sample_rate"):
         sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.0, steps=10)
+    with pytest.raises(ValueError, match="gdp"):
+        sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=10, accountant="gdp")
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_composed_fixed_rounds_are_one_gaussian_of_the_combined_noise(accountant):
+    specs = [UserLevelSpec(1.5, 1.0, 10, DELTA, "fixed", accountant), UserLevelSpec(3.0, 1.0, 30, DELTA, "fixed",
+                                                                                    accountant)]
+    z_eff = (10 / 1.5**2 + 30 / 3.0**2) ** -0.5
+    assert composed_epsilon(specs) == user_level_epsilon(UserLevelSpec(z_eff, 1.0, 1, DELTA, "fixed", accountant))
+    if accountant == "pld":
+        assert composed_epsilon(specs) == pytest.approx(exact_gaussian_epsilon(z_eff, DELTA), rel=0.01)
+
+
+def test_composed_poisson_rounds_match_a_direct_pld_composition():
+    specs = [UserLevelSpec(1.0, 0.02, 100, DELTA), UserLevelSpec(1.2, 0.05, 50, DELTA)]
+    pld = PLDAccountant(value_discretization_interval=1e-4)
+    for s in specs:
+        event = dp_accounting.PoissonSampledDpEvent(s.sampling_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier))
+        pld.compose(dp_accounting.SelfComposedDpEvent(event, s.rounds))
+    direct = pld.get_epsilon(DELTA)
+    assert composed_epsilon(specs) == pytest.approx(direct, rel=0.01)
+    assert composed_epsilon(specs) >= direct * 0.999  # still an upper bound
+    assert max(map(user_level_epsilon, specs)) < composed_epsilon(specs) < sum(map(user_level_epsilon, specs))
+
+
+def test_composing_one_spec_or_empty_ones_changes_nothing():
+    spec = UserLevelSpec(1.1, 0.01, 200, DELTA)
+    assert composed_epsilon([spec]) == user_level_epsilon(spec)
+    assert composed_epsilon([spec, UserLevelSpec(0.5, 0.3, 0, DELTA), UserLevelSpec(0.5, 0.0, 5, DELTA)]) == \
+        user_level_epsilon(spec)
+    assert composed_epsilon([]) == 0.0
+    assert composed_epsilon([spec, UserLevelSpec(0.0, 0.01, 1, DELTA)]) == math.inf
+    with pytest.raises(ValueError, match="share"):
+        composed_epsilon([spec, UserLevelSpec(1.1, 0.01, 5, DELTA, accountant="rdp")])

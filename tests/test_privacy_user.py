@@ -9,12 +9,12 @@ import torch
 
 from fl.privacy.user import (
     AdaptiveClipNorm,
+    UserRound,
     clip_update,
     gaussian_noise_like,
     layer_clip_norms,
-    noise_std_per_device,
+    noise_norm_bound,
     per_layer_clip,
-    server_noise_std,
     update_norm,
 )
 
@@ -124,8 +124,7 @@ def test_per_layer_clipping_bounds_every_layer_and_the_total(weighted):
 def test_gaussian_noise_has_the_requested_std():
     ref = {"a": torch.zeros(200, 250), "b": torch.zeros(50_000, dtype=torch.float64)}
     for secure in (False, True):
-        gen = None if secure else torch.Generator().manual_seed(0)
-        noise = gaussian_noise_like(ref, 0.7, gen, secure=secure)
+        noise = gaussian_noise_like(ref, 0.7, torch.Generator().manual_seed(0), secure=secure)
         flat = torch.cat([t.double().flatten() for t in noise.values()])
         assert flat.numel() == 100_000
         assert float(flat.std()) == pytest.approx(0.7, rel=0.02)
@@ -135,76 +134,87 @@ def test_gaussian_noise_has_the_requested_std():
         }
 
 
-def test_noise_is_reproducible_with_a_generator_and_fresh_in_secure_mode():
+def test_noise_is_a_function_of_the_generator_in_both_modes():
     ref = {"w": torch.zeros(64, dtype=torch.bfloat16), "v": torch.zeros(3, 3)}
-    a = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5))
-    b = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5))
-    assert all(torch.equal(a[k], b[k]) for k in ref)
-    s1, s2 = gaussian_noise_like(ref, 1.0, secure=True), gaussian_noise_like(ref, 1.0, secure=True)
-    assert not torch.equal(s1["v"], s2["v"])
-    assert all(not t.any() for t in gaussian_noise_like(ref, 0.0, None).values())
-    with pytest.raises(ValueError, match="secure"):
-        gaussian_noise_like(ref, 1.0, torch.Generator(), secure=True)
+    for secure in (False, True):
+        a = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=secure)
+        b = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=secure)
+        c = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(6), secure=secure)
+        assert all(torch.equal(a[k], b[k]) for k in ref) and not torch.equal(a["v"], c["v"])
+    plain = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5))
+    secure = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=True)
+    assert not torch.equal(plain["v"], secure["v"])  # the mitigation draws differently
+    assert all(not t.any() for t in gaussian_noise_like(ref, 0.0, torch.Generator()).values())
     with pytest.raises(ValueError, match="std"):
-        gaussian_noise_like(ref, -1.0, None)
+        gaussian_noise_like(ref, -1.0, torch.Generator())
+
+
+def test_noise_norm_bound_holds_for_honest_noise_and_is_not_loose():
+    std, numel = 0.3, 10_000
+    g = torch.Generator().manual_seed(0)
+    norms = [update_norm(gaussian_noise_like({"x": torch.zeros(numel)}, std, g)) for _ in range(50)]
+    bound = noise_norm_bound(std, numel)
+    assert max(norms) < bound < 1.1 * std * math.sqrt(numel)
+    assert noise_norm_bound(std, numel, 1e-3) < bound and noise_norm_bound(0.0, numel) == 0.0
 
 
 def test_noise_placements_give_the_same_noise_on_the_sum():
     z, c, m = 1.3, 0.5, 16
-    central = server_noise_std("central", z, c)
-    assert central == pytest.approx(z * c)
-    assert noise_std_per_device("central", z, c, m) == 0.0
-    assert noise_std_per_device("local", z, c, m) == pytest.approx(central)
-    assert noise_std_per_device("distributed", z, c, m) * math.sqrt(m) == pytest.approx(central)
-    assert server_noise_std("local", z, c) == server_noise_std("distributed", z, c) == 0.0
+    assert UserRound(z, c, 0).device_std == 0.0  # central: the server adds z*C to the sum
+    assert UserRound(z, c, 1).device_std == pytest.approx(z * c)
+    assert UserRound(z, c, m).device_std * math.sqrt(m) == pytest.approx(z * c)
     # Empirically: the sum of the cohort's distributed shares has std z*C.
     g = torch.Generator().manual_seed(3)
-    share = noise_std_per_device("distributed", z, c, m)
+    share = UserRound(z, c, m).device_std
     total = sum(gaussian_noise_like({"x": torch.zeros(20_000)}, share, g)["x"] for _ in range(m))
-    assert float(total.std()) == pytest.approx(central, rel=0.03)
-    with pytest.raises(ValueError, match="placement"):
-        noise_std_per_device("server", z, c, m)
-    with pytest.raises(ValueError, match="cohort"):
-        noise_std_per_device("distributed", z, c, 0)
+    assert float(total.std()) == pytest.approx(z * c, rel=0.03)
+    with pytest.raises(ValueError, match="noise cohort"):
+        UserRound(z, c, -1)
+    with pytest.raises(ValueError, match="clipping"):
+        UserRound(z, c, 0, "server")
+
+
+def _quiet(start: float = 1.0, **kw) -> AdaptiveClipNorm:
+    """Adaptive clipping with negligible count noise (it must be > 0)."""
+    return AdaptiveClipNorm(start, count_noise_multiplier=1e-12, **kw)
 
 
 def test_adaptive_clip_moves_against_the_fraction_below():
-    below = AdaptiveClipNorm(1.0, target_quantile=0.5, learning_rate=0.2)
-    bits = sum(below.indicator(n) for n in [0.1, 0.5, 1.0])  # 1.0 counts as below
-    assert bits == 3.0
-    assert below.update(bits, 3) == pytest.approx(math.exp(-0.2 * 0.5))
-    above = AdaptiveClipNorm(1.0, target_quantile=0.5, learning_rate=0.2)
-    assert above.indicator(1.5) == 0.0
-    assert above.update(0.0, 3) == pytest.approx(math.exp(0.1))
+    g = torch.Generator().manual_seed(0)
+    below = _quiet(target_quantile=0.5, learning_rate=0.2)
+    assert below.update(3.0, 3, g, reports=3) == pytest.approx(math.exp(-0.2 * 0.5))
+    above = _quiet(target_quantile=0.5, learning_rate=0.2)
+    assert above.update(0.0, 3, g, reports=3) == pytest.approx(math.exp(0.1))
     assert above.clip_norm == pytest.approx(math.exp(0.1))
     # Centring on the number of reports: 2 of 4 reports below, public cohort 5.
-    centred = AdaptiveClipNorm(1.0, learning_rate=1.0)
+    centred = _quiet(learning_rate=1.0)
     b = (2 - 4 / 2) / 5 + 0.5
-    assert centred.update(2.0, 5, reports=4) == pytest.approx(math.exp(-(b - 0.5)))
+    assert centred.update(2.0, 5, g, reports=4) == pytest.approx(math.exp(-(b - 0.5)))
     with pytest.raises(ValueError, match="bits"):
-        centred.update(6.0, 5)
+        centred.update(6.0, 5, g, reports=5)
 
 
 @pytest.mark.parametrize("quantile,start", [(0.5, 0.01), (0.8, 10.0), (0.2, 1.0)])
 def test_adaptive_clip_converges_to_the_target_quantile(quantile, start):
     dist = torch.distributions.LogNormal(0.0, 0.5)
     torch.manual_seed(0)
-    clip = AdaptiveClipNorm(start, target_quantile=quantile, learning_rate=0.2)
+    g = torch.Generator().manual_seed(0)
+    clip = AdaptiveClipNorm(start, target_quantile=quantile, learning_rate=0.2, count_noise_multiplier=1.0)
     for _ in range(100):
-        norms = dist.sample((500,)).tolist()
-        clip.update(sum(clip.indicator(n) for n in norms), len(norms))
+        norms = dist.sample((500,))
+        clip.update(float((norms <= clip.clip_norm).sum()), len(norms), g, reports=len(norms))
     true_quantile = float(dist.icdf(torch.tensor(quantile)))
     assert clip.clip_norm == pytest.approx(true_quantile, rel=0.1)
 
 
-def test_adaptive_clip_count_noise_is_seeded():
+def test_adaptive_clip_count_noise_comes_from_the_generator():
     a = AdaptiveClipNorm(1.0, count_noise_multiplier=5.0)
     b = AdaptiveClipNorm(1.0, count_noise_multiplier=5.0)
-    ca = a.update(10.0, 20, torch.Generator().manual_seed(1))
-    cb = b.update(10.0, 20, torch.Generator().manual_seed(1))
+    ca = a.update(10.0, 20, torch.Generator().manual_seed(1), reports=20)
+    cb = b.update(10.0, 20, torch.Generator().manual_seed(1), reports=20)
     assert ca == cb != 1.0  # noiseless it would stay at 1.0 (fraction 1/2 = target)
-    quiet = AdaptiveClipNorm(1.0, count_noise_multiplier=5.0)
-    assert quiet.update(10.0, 20, noise="distributed") == 1.0  # devices noised their bits
+    with pytest.raises(ValueError, match="count_noise_multiplier"):
+        AdaptiveClipNorm(1.0, count_noise_multiplier=0.0)  # a noiseless count would release the bits' sum exactly
 
 
 def test_effective_noise_multiplier():
@@ -219,7 +229,5 @@ def test_effective_noise_multiplier():
     for z in (2.0, 3.0):
         with pytest.raises(ValueError, match="too small"):
             clip.effective_noise_multiplier(z)
-    with pytest.raises(ValueError, match="too small"):
-        AdaptiveClipNorm(1.0).effective_noise_multiplier(1.0)
     with pytest.raises(ValueError, match="target_quantile"):
-        AdaptiveClipNorm(1.0, target_quantile=1.0)
+        AdaptiveClipNorm(1.0, target_quantile=1.0, count_noise_multiplier=1.0)

@@ -1,7 +1,9 @@
 """Checkpoint and resume: a run killed mid-round and resumed ends exactly as an uninterrupted one.
 
 Also: a device asked a round again (after the server restarted) never spends twice unnoticed, and
-a run folder is never started over or resumed with another config.
+a run folder is never started over or resumed with another config. The comparison with an
+uninterrupted run needs both runs to draw the same noise, so it uses ``privacy.reproducible=true``;
+a resumed run with secret randomness reuses its own persisted secrets (checked too).
 """
 
 import json
@@ -17,23 +19,25 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from clients import budget, replay
 from clients.client_app import DeviceSettings, _train
-from clients.history import rounds_trained
+from clients.state import LEDGER, DeviceState, round_key
 from fl import protocol as P
 from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
+from fl.privacy.sample import SampleLevel
 from server import checkpoint
 from tests.conftest import ROOT, TINY, fake_examples, simulate
 
 # Two rounds of four devices on two actors; every device sleeps 1 s before training, so a kill
 # once the first device of round 2 has trained lands before round 2 is committed.
-RUN = ("federation.rounds=2", "privacy=both", "federation.slow_devices=1", "federation.slow_seconds=1")
+RUN = ("federation.rounds=2", "privacy=both", "federation.slow_devices=1", "federation.slow_seconds=1",
+       "privacy.reproducible=true")
+MECHANISM = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
 
 
-@dataclass(frozen=True)
+@dataclass
 class OneDevice:
     root: Path
     examples: list
@@ -49,7 +53,7 @@ class OneDevice:
 
 
 def _message(server_round: int, arrays: ArrayRecord) -> tuple[Message, Context]:
-    config = ConfigRecord({P.ROUND: server_round, P.PLANNED_ROUNDS: 3, P.PARTICIPATION: 1.0})
+    config = ConfigRecord({P.ROUND: server_round, **MECHANISM.to_config()})
     meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
                     group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
     msg = Message(content=RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), metadata=meta)
@@ -57,7 +61,7 @@ def _message(server_round: int, arrays: ArrayRecord) -> tuple[Message, Context]:
 
 
 def _device(tmp_path: Path, secure_mode: bool) -> tuple[DeviceSettings, OneDevice, ArrayRecord]:
-    sample = SamplePrivacyConfig(noise_multiplier=1.0, secure_mode=secure_mode)
+    sample = SamplePrivacyConfig(secure_mode=secure_mode)
     settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4), sample, None, seed=3)
     torch.manual_seed(0)
     arrays = ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
@@ -65,11 +69,12 @@ def _device(tmp_path: Path, secure_mode: bool) -> tuple[DeviceSettings, OneDevic
 
 
 def _steps(state: Path) -> int:
-    return budget.load_account(state / budget.LEDGER, "rdp").steps
+    return DeviceState(state).account("rdp").steps
 
 
-def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp_path):
-    settings, store, arrays = _device(tmp_path, secure_mode=False)
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp_path, secure_mode):
+    settings, store, arrays = _device(tmp_path, secure_mode)  # secret streams: secure mode replays exactly too
     tok = CharTokenizer()
     first = _train(settings, *_message(1, arrays), store, tok)
     assert _steps(tmp_path) == 2
@@ -77,24 +82,25 @@ def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp
     a, b = first.content[P.ARRAYS].to_torch_state_dict(), again.content[P.ARRAYS].to_torch_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert dict(first.content[P.METRICS]) == dict(again.content[P.METRICS])
-    assert _steps(tmp_path) == 2 and rounds_trained(tmp_path) == [1]
-    # a new round, or the same round number with another global model, is a new release
+    assert _steps(tmp_path) == 2 and DeviceState(tmp_path).rounds_trained() == [1]
+    # a new round, or the same round number with another global model, is a new release with new streams
     _train(settings, *_message(2, arrays), store, tok)
-    assert _steps(tmp_path) == 4 and rounds_trained(tmp_path) == [1, 2]
+    assert _steps(tmp_path) == 4 and DeviceState(tmp_path).rounds_trained() == [1, 2]
     moved = ArrayRecord({k: v + 0.01 for k, v in arrays.to_torch_state_dict().items()})
     _train(settings, *_message(2, moved), store, tok)
-    assert _steps(tmp_path) == 6
+    assert _steps(tmp_path) == 6 and DeviceState(tmp_path).release().index == 2  # a stream index of its own
 
 
 def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_counted(tmp_path):
-    settings, store, arrays = _device(tmp_path, secure_mode=True)  # OS randomness: never the same twice
+    settings, store, arrays = _device(tmp_path, secure_mode=False)
     tok = CharTokenizer()
     first = _train(settings, *_message(1, arrays), store, tok)
-    eps = float(first.content[P.METRICS][P.EPSILON_SAMPLE])
+    assert P.ARRAYS in first.content
+    store.examples = fake_examples(12, seed=1)  # the device's recordings changed since it answered round 1
     again = _train(settings, *_message(1, arrays), store, tok)
-    assert P.ARRAYS not in again.content and again.content[P.METRICS][P.DECLINED] == 1
-    assert float(again.content[P.METRICS][P.EPSILON_SAMPLE]) == eps and _steps(tmp_path) == 2
-    assert replay.load(tmp_path).round_key == replay.round_key(1, arrays)
+    assert P.ARRAYS not in again.content and dict(again.content[P.METRICS]) == {P.DECLINED: 1}
+    assert _steps(tmp_path) == 2  # the first release stays counted, once
+    assert DeviceState(tmp_path).release().round_key == round_key(1, arrays)
 
 
 def test_a_device_that_died_between_release_record_and_ledger_counts_the_round_once(tmp_path):
@@ -102,10 +108,8 @@ def test_a_device_that_died_between_release_record_and_ledger_counts_the_round_o
     tok = CharTokenizer()
     _train(settings, *_message(1, arrays), store, tok)
     _train(settings, *_message(2, arrays), store, tok)
-    ledger = tmp_path / budget.LEDGER
-    first_round_only = budget.load_account(ledger, "rdp")
-    first_round_only.history = replay.load(tmp_path).history_before
-    budget.save_account(ledger, first_round_only, 1.0)  # died after the release record, before the ledger
+    before = DeviceState(tmp_path).release().history_before
+    (tmp_path / LEDGER).write_text(json.dumps({"history": before}))  # died after the release record, before the ledger
     assert _steps(tmp_path) == 2
     again = _train(settings, *_message(2, arrays), store, tok)  # the never-sent reply, asked again
     assert P.ARRAYS in again.content and _steps(tmp_path) == 4
@@ -133,7 +137,7 @@ def _kill_mid_round_2(out: Path, cache: Path) -> None:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     try:
-        while not any(2 in rounds_trained(d) for d in (out / "fleet" / "state").glob("device-*")):
+        while not any(2 in DeviceState(d).rounds_trained() for d in (out / "fleet" / "state").glob("device-*")):
             assert proc.poll() is None, (out.parent / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no device trained in round 2 within 300 s"
             time.sleep(0.05)
@@ -153,6 +157,7 @@ def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(t
     cut.parent.mkdir()
     _kill_mid_round_2(cut, sim_cache)
     assert checkpoint.load(cut).round == 1  # killed inside round 2, after devices had trained and spent
+    secrets_before = {p: p.read_bytes() for p in cut.rglob("*secret")}
     assert len(_rows(cut)) == 2
     saved = checkpoint.load(cut).config
     with pytest.raises(ValueError, match="already holds a run"):  # never started over by mistake
@@ -160,6 +165,7 @@ def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(t
     with pytest.raises(ValueError, match="config differs .* in seed"):
         checkpoint.check_out_dir(cut, {**saved, "seed": 1}, resume=True)
     simulate(tmp_path / "cut", sim_cache, *RUN, "resume=true")
+    assert {p: p.read_bytes() for p in cut.rglob("*secret")} == secrets_before
     assert "resuming after round 1 of 2" in (tmp_path / "cut" / "stdout.txt").read_text() + \
         "".join(p.read_text() for p in cut.glob("*.log"))
     assert _rows(cut) == _rows(whole) and len(_rows(cut)) == 3
@@ -172,5 +178,5 @@ def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(t
     # every device's privacy ledger and round history as if nothing had happened
     for device in sorted((whole / "fleet" / "state").glob("device-*")):
         twin = cut / "fleet" / "state" / device.name
-        assert (twin / budget.LEDGER).read_text() == (device / budget.LEDGER).read_text()
-        assert rounds_trained(twin) == rounds_trained(device)
+        assert (twin / LEDGER).read_text() == (device / LEDGER).read_text()
+        assert DeviceState(twin).rounds_trained() == DeviceState(device).rounds_trained()

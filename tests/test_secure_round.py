@@ -19,16 +19,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 from flwr.serverapp import Grid, ServerApp
 
-from clients.guard import OutboundViolation, outbound_guard
+from clients.guard import OutboundViolation, allowed_metrics, outbound_guard
 from clients.secure_app import check_secure_reply, fitres_adapter, secure_train_mods
 from fl import protocol as P
 from fl.privacy.secagg import SECURE_NAMES, clipping_range_for, quantization_range_for, quantization_step
+from fl.privacy.user import WIRE_COHORT, UserRound
 from server.secure_round import secure_sum
 
 RANGE = 8.0
 SHAPES = {"w": (3, 4), "b": (5,), "count": ()}
 FAIL = "fail-node"
 GLOBAL_W = 0.25
+ALLOWED = allowed_metrics(sample=False, user=True)  # secure aggregation serves distributed user-level DP
+ECHO = UserRound(1.0, 1.0, 3).echo()
 
 
 def global_arrays() -> ArrayRecord:
@@ -45,7 +48,7 @@ def true_update(node: int) -> dict[str, torch.Tensor]:
 def make_client_app() -> ClientApp:
     app = ClientApp()
 
-    @app.train(mods=secure_train_mods(SHAPES) + [outbound_guard(SHAPES)])
+    @app.train(mods=secure_train_mods(SHAPES, ALLOWED) + [outbound_guard(SHAPES, ALLOWED)])
     def train(msg: Message, context: Context) -> Message:
         config = msg.content[P.CONFIG]
         if int(config.get(FAIL, -1)) == context.node_id % (2**62):
@@ -53,7 +56,7 @@ def make_client_app() -> ClientApp:
         weights = msg.content[P.ARRAYS].to_torch_state_dict()
         assert set(weights) == set(SHAPES) and torch.all(weights["w"] == GLOBAL_W) and int(weights["count"]) == 7
         update = {k: v + (weights[k] - GLOBAL_W if k == "w" else 0) for k, v in true_update(context.node_id).items()}
-        metrics = MetricRecord({P.EPSILON_SAMPLE: 0.5, P.SECONDS: 0.01})
+        metrics = MetricRecord(ECHO)
         return Message(RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: metrics}), reply_to=msg)
 
     return app
@@ -86,7 +89,7 @@ def make_server_app(out: dict) -> ServerApp:
         kw = dict(clipping_range=RANGE, min_contributors=3)
         out["nodes"] = nodes
         started = time.perf_counter()
-        out["r1"] = secure_sum(recorder, nodes, global_arrays(), 1, {P.NOISE_COHORT: 3}, 120, **kw)
+        out["r1"] = secure_sum(recorder, nodes, global_arrays(), 1, {WIRE_COHORT: 3}, 120, **kw)
         out["fail"], out["t1"] = nodes[0], time.perf_counter() - started
         out["r2"] = secure_sum(recorder, nodes, global_arrays(), 2, {FAIL: nodes[0] % (2**62)}, 120, **kw)
         out["t2"] = time.perf_counter() - started - out["t1"]
@@ -124,7 +127,7 @@ def test_the_server_gets_the_sum_of_the_updates_within_the_quantisation_step(sec
     for k in expected:
         err = float((r1.total[k] - expected[k]).abs().max())
         assert err <= len(r1.contributed) * r1.step, (k, err)
-    assert all(m == {P.EPSILON_SAMPLE: 0.5, P.SECONDS: 0.01} for m in r1.metrics.values())
+    assert all(m == ECHO for m in r1.metrics.values())
 
 
 def test_a_device_dropping_after_key_sharing_leaves_the_sum_of_the_others(secure_run):
@@ -140,7 +143,7 @@ def test_the_server_never_receives_an_update_in_clear(secure_run):
     for reply in secure_run["received"]:
         if reply.has_error():
             continue
-        check_secure_reply(reply.content, SHAPES)  # protocol records only; any array record is empty
+        check_secure_reply(reply.content, SHAPES, ALLOWED)  # protocol records only; any array record is empty
         assert all(len(r) == 0 for r in reply.content.array_records.values())
         protocol = reply.content.config_records[RECORD_KEY_CONFIGS]
         if Key.MASKED_PARAMETERS not in protocol:
@@ -173,15 +176,23 @@ def test_the_secure_guard_refuses_clear_arrays_and_foreign_records():
     content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({}),
                           "fitres.parameters": ArrayRecord({"w": torch.zeros(3, 4)})})
     with pytest.raises(OutboundViolation, match="in clear"):
-        check_secure_reply(content, SHAPES)
+        check_secure_reply(content, SHAPES, ALLOWED)
     with pytest.raises(OutboundViolation, match="records"):
-        check_secure_reply(RecordDict({P.ARRAYS: ArrayRecord({"w": torch.zeros(3, 4)})}), SHAPES)
+        check_secure_reply(RecordDict({P.ARRAYS: ArrayRecord({"w": torch.zeros(3, 4)})}), SHAPES, ALLOWED)
+
+
+def test_the_secure_guard_passes_the_echo_and_refuses_other_clear_metrics():
+    reply = {RECORD_KEY_CONFIGS: ConfigRecord({}), "fitres.metrics": ConfigRecord(ECHO)}
+    check_secure_reply(RecordDict(reply), SHAPES, ALLOWED)
+    for name in ("seconds", P.NUM_EXAMPLES, "sample-z"):
+        with pytest.raises(OutboundViolation, match="may not leave"):
+            check_secure_reply(RecordDict({**reply, "fitres.metrics": ConfigRecord({name: 1.0})}), SHAPES, ALLOWED)
 
 
 def _collect_stage_message(noise_cohort: int) -> tuple[Message, Context]:
     arrays = global_arrays()
     params = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
-    content = fitins_to_recorddict(FitIns(params, {SECURE_NAMES: list(arrays.keys()), P.NOISE_COHORT: noise_cohort,
+    content = fitins_to_recorddict(FitIns(params, {SECURE_NAMES: list(arrays.keys()), WIRE_COHORT: noise_cohort,
                                                    P.ROUND: 1}), True)
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
@@ -198,14 +209,14 @@ def test_the_adapter_hands_train_named_arrays_and_returns_an_unweighted_fitres()
         seen.update(m.content[P.ARRAYS].to_torch_state_dict())
         seen["config"] = dict(m.content[P.CONFIG])
         update = {"b": torch.ones(5), "w": torch.full((3, 4), 2.0)}  # any order: the adapter orders it
-        return Message(RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord({P.SECONDS: 1.0})}),
+        return Message(RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: MetricRecord(ECHO)}),
                        reply_to=m)
 
     reply = fitres_adapter(msg, context, train)
-    assert torch.all(seen["w"] == GLOBAL_W) and int(seen["count"]) == 7 and seen["config"][P.NOISE_COHORT] == 3
+    assert torch.all(seen["w"] == GLOBAL_W) and int(seen["count"]) == 7 and seen["config"][WIRE_COHORT] == 3
     fitres = recorddict_to_fitres(reply.content, True)
     w, b = parameters_to_ndarrays(fitres.parameters)
-    assert fitres.num_examples == 1 and fitres.metrics == {P.SECONDS: 1.0}
+    assert fitres.num_examples == 1 and fitres.metrics == ECHO
     assert w.dtype == np.float64 and np.all(w == 2.0) and np.all(b == 1.0)
 
 

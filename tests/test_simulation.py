@@ -7,7 +7,8 @@ import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
-ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "epsilon_sample", "epsilon_user", "delta", "seconds"}
+ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "rejected", "epsilon_sample", "epsilon_user",
+            "epsilon_user_server", "delta", "extrapolated", "randomness", "seconds"}
 
 
 def test_results_have_a_row_per_round(smoke_run):
@@ -20,9 +21,8 @@ def test_results_have_a_row_per_round(smoke_run):
     assert rows[1]["clients"] == rows[2]["clients"] == 4
     assert 0 < rows[1]["epsilon_sample"] < rows[2]["epsilon_sample"]
     assert rows[2]["epsilon_user"] is None
-    assert rows[2]["delta"] == 1e-5
-    # four devices trained each round and said for how long; the round took at least the longest of them
-    assert rows[0]["device_seconds"] == 0 and all(0 < r["device_seconds"] < 4 * r["seconds"] for r in rows[1:])
+    assert rows[2]["delta"] == 1e-5 and rows[2]["randomness"] == "secret" and rows[2]["extrapolated"] is False
+    assert all(r["device_wer"] is None for r in rows)  # no federated evaluation under privacy
 
 
 def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
@@ -42,15 +42,24 @@ def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
     assert summary["privacy"]["user"] is None
 
 
-def test_run_dir_holds_checkpoints_and_the_printed_table(smoke_run):
-    ckpts = sorted(p.name for p in (smoke_run / "run" / "checkpoints").iterdir())
-    assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt", "server-state.pt"]
+def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke_run):
+    run = smoke_run / "run"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    private = run / "private"
+    assert sorted(p.name for p in private.iterdir()) == ["server-secret", "server-state.pt"]
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in private.iterdir())
     out = (smoke_run / "stdout.txt").read_text()
     assert "seed (public only)" in out and "epsilon" in out
+    summary = json.loads((run / "summary.json").read_text())
+    sim = summary["simulation_eval"]  # the experimenter's view of the devices' test splits, labelled as such
+    assert sim["utterances"] > 0 and sim["final"]["device_wer"] is not None and "experimenter" in sim["observer"]
+    assert summary["federated_evaluation"].startswith("off")
 
 
 def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
-    from clients.guard import ALLOWED_METRICS
+    from clients.guard import allowed_metrics
     from fl.config import ModelConfig
     from fl.model.conformer import ConformerCTC
 
@@ -58,7 +67,7 @@ def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
     cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
     shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
     rows = [json.loads(line) for f in (run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert {r["type"] for r in rows} == {"query", "train", "evaluate"}
+    assert {r["type"] for r in rows} == {"query", "train"}  # no federated evaluation under privacy
     assert sum(r["type"] == "train" for r in rows) == 2 * 4  # every training reply of the run was seen
     for r in rows:
         assert set(r["records"]) <= {"arrays", "metrics"}
@@ -68,16 +77,19 @@ def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
             assert r["metrics"] == {"device-key": "int"}  # the device's key, nothing else
         else:
             assert r["arrays"] is None
-        assert set(r["metrics"]) <= ALLOWED_METRICS and set(r["metrics"].values()) <= {"int", "float"}
+        assert set(r["metrics"]) <= allowed_metrics(sample=True, user=False)
+        assert set(r["metrics"].values()) <= {"int", "float"}
 
 
 def test_devices_keep_a_record_of_the_rounds_they_trained_in(smoke_run):
-    from clients.history import rounds_trained
     from clients.simulated import state_dir
+    from clients.state import DeviceState
 
     fleet = str(smoke_run / "run" / "fleet")
-    assert [rounds_trained(state_dir(fleet, pid)) for pid in range(4)] == [[1, 2]] * 4
-    assert all((state_dir(fleet, pid) / "ledger.json").exists() for pid in range(4))
+    states = [DeviceState(state_dir(fleet, pid)) for pid in range(4)]
+    assert [s.rounds_trained() for s in states] == [[1, 2]] * 4
+    assert all(s.account("rdp").steps == 4 for s in states)
+    assert all(0 < r["seconds"] for s in states for r in s.rounds())  # timings stay on the device
 
 
 def test_the_leakage_audit_covers_members_and_canaries(smoke_run):

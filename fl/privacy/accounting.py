@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import dp_accounting
 import numpy as np
@@ -126,17 +126,67 @@ def _pld_epsilon(spec: UserLevelSpec) -> float:
 def user_level_epsilon(spec: UserLevelSpec) -> float:
     """Epsilon (at ``spec.delta``) of ``spec.rounds`` DP-FedAvg rounds; see the module doc.
 
-    0.0 for zero rounds (or a Poisson rate of 0); ``math.inf`` without noise.
+    0.0 for zero rounds (or a Poisson rate of 0); ``math.inf`` without noise, and for noise so small
+    that the accountant's arithmetic overflows (an epsilon beyond any meaning; inf is still a bound).
     """
     if spec.rounds == 0 or (spec.sampling == "poisson" and spec.sampling_rate == 0.0):
         return 0.0
     if spec.noise_multiplier == 0.0:
         return math.inf
-    if spec.accountant == "pld":
-        return _pld_epsilon(spec)
-    accountant = RdpAccountant(orders=list(RDP_ORDERS))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds))
-    return float(accountant.get_epsilon(spec.delta))
+    try:
+        if spec.accountant == "pld":
+            return _pld_epsilon(spec)
+        accountant = RdpAccountant(orders=list(RDP_ORDERS))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds))
+        return float(accountant.get_epsilon(spec.delta))
+    except (OverflowError, MemoryError):
+        log.warning("user-level epsilon of noise multiplier %g overflows the accountant: reporting inf",
+                    spec.noise_multiplier)
+        return math.inf
+
+
+def composed_epsilon(specs: Sequence[UserLevelSpec]) -> float:
+    """Epsilon of running every spec's rounds in sequence (heterogeneous rounds: a resumed run whose
+    population, hence q, changed, or any per-round (q, z) history).
+
+    The specs must share delta, sampling and accountant. ``fixed`` sampling composes exactly: T_i
+    Gaussian rounds of noise z_i are one Gaussian of noise (sum_i T_i / z_i^2)^(-1/2). ``poisson``
+    composes every spec's subsampled rounds in one accountant (PLD on the finest grid any of them
+    needs, or RDP).
+    """
+    specs = [s for s in specs if s.rounds > 0 and not (s.sampling == "poisson" and s.sampling_rate == 0.0)]
+    if not specs:
+        return 0.0
+    first = specs[0]
+    if any((s.delta, s.sampling, s.accountant) != (first.delta, first.sampling, first.accountant) for s in specs):
+        raise ValueError("composed specs must share delta, sampling and accountant")
+    if len(specs) == 1 or any(s.noise_multiplier == 0.0 for s in specs):
+        return max(user_level_epsilon(s) for s in specs) if len(specs) == 1 else math.inf
+    if first.sampling == "fixed":
+        z = sum(s.rounds / s.noise_multiplier**2 for s in specs) ** -0.5
+        return user_level_epsilon(UserLevelSpec(z, 1.0, 1, first.delta, "fixed", first.accountant))
+    events = [dp_accounting.SelfComposedDpEvent(_round_event(s), s.rounds) for s in specs]
+    if first.accountant == "rdp":
+        rdp = RdpAccountant(orders=list(RDP_ORDERS))
+        for event in events:
+            rdp.compose(event)
+        return float(rdp.get_epsilon(first.delta))
+    interval = min(PLD_DISCRETIZATION * max(1.0, (0.5 / s.noise_multiplier) ** 2) for s in specs)
+
+    def epsilon(value_discretization_interval: float) -> float:
+        pld = PLDAccountant(value_discretization_interval=value_discretization_interval)
+        for event in events:
+            pld.compose(event)
+        return float(pld.get_epsilon(first.delta))
+
+    try:
+        eps = epsilon(interval)
+        finer = max(eps / 1000.0, PLD_FINEST)
+        if finer < interval / 2:
+            eps = min(eps, epsilon(finer))  # both are upper bounds (pessimistic discretisation)
+    except (OverflowError, MemoryError):
+        return math.inf
+    return eps
 
 
 def calibrate_noise_multiplier(
@@ -220,8 +270,9 @@ def sample_level_noise_multiplier(
     """Opacus DP-SGD noise multiplier reaching ``target_epsilon`` after ``steps`` steps at rate
     ``sample_rate`` (a device's whole training over all rounds it will take part in).
 
-    Uses ``opacus.accountants.utils.get_noise_multiplier`` (accountants ``rdp``, ``prv``, ``gdp``)
-    with a tolerance of 1% of the target (at most 0.01); its result has epsilon <= target.
+    Uses ``opacus.accountants.utils.get_noise_multiplier`` (accountants ``rdp`` or ``prv``; ``gdp``
+    is an approximation, not a bound, and is refused) with a tolerance of 1% of the target (at most
+    0.01); its result has epsilon <= target.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
@@ -231,6 +282,8 @@ def sample_level_noise_multiplier(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"sample-level accountant {accountant!r} is not one of ('rdp', 'prv'): gdp is not a bound")
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

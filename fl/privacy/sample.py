@@ -1,22 +1,33 @@
 """Sample-level (utterance-level) differential privacy: DP-SGD on a device, with Opacus.
 
-Guarantee: for one device, the sequence of models it releases over all rounds it has trained in
+Guarantee: for one device, the sequence of updates it releases over all rounds it has trained in
 is (epsilon, delta)-DP with respect to adding or removing any single utterance of that device's
-training data. This holds because every local step
-  * samples a batch by Poisson sampling (each utterance independently with rate q = B / n),
-  * clips every per-example gradient to L2 norm ``max_grad_norm`` (Opacus per-sample gradients),
-  * adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to the sum -- also when the
-    sampled batch is empty, so every step is a real mechanism invocation and is counted,
-and the device's accountant history (noise, rate, steps) is carried across rounds by the caller
-(``SampleAccount``), so epsilon composes over every step the device ever took.
-It says nothing about a device's identity or its data as a whole: that is user-level DP.
+training data, against anyone who does not hold the device's secret (the server included).
+This holds because every local step
+  * samples a batch by Poisson sampling, each utterance independently with the *public* rate q
+    (``privacy.sample.sample_rate``, the same for every device, so q says nothing about a
+    device's n; the sampling coins come from the device's secret, stream ``batches``),
+  * clips every per-example gradient to L2 norm C (Opacus per-sample gradients),
+  * adds Gaussian noise of std z*C to the sum (stream ``dp-sgd-noise`` of the device's secret) --
+    also when the sampled batch is empty, so every step is a mechanism invocation and is counted,
+  * divides by the public expected batch size B (``train.batch_size``), never by a count of the
+    device's data,
+and the device's ledger (``SampleAccount``) carries its history across rounds and runs, so epsilon
+composes over every step the device ever took. It says nothing about a device's identity or its
+data as a whole: that is user-level DP (``fl/privacy/user.py``).
+
+One owner: :class:`SampleLevel` holds the mechanism's parameters (z, C, q, steps per round), is
+built from config in one place (the server's ``from_config``, which calibrates z for the
+worst-case participation when a target epsilon is set), travels to devices in every train message
+(``to_config``/``from_config``), is echoed back and checked (``echo``/``check_echo``), trains
+(``train``) and accounts (``epsilon``) -- device and server read the same numbers.
 """
 
 from __future__ import annotations
 
-import random
+import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -27,9 +38,16 @@ from torch import nn
 from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.data.features import Batch, Example, collate
 from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
+from fl.privacy.accounting import sample_level_noise_multiplier
+from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, Secret
 from fl.train import ctc_losses
 
 History = list[tuple[float, float, int]]
+ACCOUNTANTS = ("rdp", "prv")
+"""Sample-level accountants whose epsilon is an upper bound (Opacus' ``gdp`` is an approximation: refused)."""
+
+# train-message config keys (server -> device) and echo metric keys (device -> server)
+Z, C, Q, STEPS = "sample-z", "sample-c", "sample-q", "sample-steps"
 
 
 @dataclass
@@ -51,41 +69,141 @@ class SampleAccount:
         acc.history = [tuple(h) for h in self.history]
         return float(acc.get_epsilon(delta=delta))
 
+    def plus(self, z: float, q: float, steps: int) -> "SampleAccount":
+        """This history with one more run of ``steps`` steps appended (a copy)."""
+        return SampleAccount(history=[*self.history, (z, q, steps)], accountant=self.accountant)
 
-def sample_rate(n: int, batch_size: int) -> float:
-    """Poisson sampling rate giving an expected batch of ``batch_size`` out of ``n`` examples."""
-    return min(1.0, batch_size / n)
 
-
-def poisson_batch(n: int, rate: float, rng: random.Random) -> list[int]:
+def poisson_batch(n: int, rate: float, rng: Any) -> list[int]:
     """Indices of one Poisson-sampled batch: each of ``n`` items independently with ``rate``."""
     return [i for i in range(n) if rng.random() < rate]
 
 
 @dataclass(frozen=True)
-class DPRoundStats:
-    steps: int
-    empty_steps: int
-    mean_loss: float
+class SampleLevel:
+    """Utterance-level DP-SGD, both halves: the parameters, the device's training, the accounting.
+
+    ``noise_multiplier`` z, ``max_grad_norm`` C, ``sample_rate`` q (public, one for all devices),
+    ``steps`` per round; ``delta`` and ``accountant`` for epsilon; ``secure_mode``: Opacus'
+    floating-point-attack-resistant noise sampling (a device-local choice, not part of the
+    mechanism's parameters).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
     sample_rate: float
+    steps: int
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    secure_mode: bool = False
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"sample-level noise multiplier must be > 0, got {self.noise_multiplier!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"privacy.sample.max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"privacy.sample.sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"DP-SGD steps per round must be an integer >= 1, got {self.steps!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"privacy.sample.delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.sample.accountant={self.accountant!r} is not one of {ACCOUNTANTS} "
+                             "(gdp is an approximation, not an upper bound)")
 
-def make_private(model: nn.Module, train: TrainConfig, privacy: SamplePrivacyConfig, expected_batch_size: int,
-                 seed: int, noise_multiplier: float | None = None) -> tuple[GradSampleModule, DPOptimizer]:
-    """Wrap ``model`` for per-sample gradients and AdamW in Opacus' DP optimizer (clip, then noise)."""
-    gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(
-            [p for p in gs_model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
-        ),
-        noise_multiplier=privacy.noise_multiplier if noise_multiplier is None else noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        loss_reduction="mean",
-        generator=None if privacy.secure_mode else torch.Generator().manual_seed(seed),
-        secure_mode=privacy.secure_mode,
-    )
-    return gs_model, optimizer
+    @classmethod
+    def from_config(cls, cfg: SamplePrivacyConfig, train: TrainConfig, rounds: int) -> "SampleLevel":
+        """The run's mechanism (server side). With ``target_epsilon``, z is calibrated so that a
+        device taking part in *every one* of ``rounds`` rounds stays within it: a bound, whatever
+        the sampling of devices does."""
+        z = cfg.noise_multiplier
+        if cfg.target_epsilon is not None:
+            z = sample_level_noise_multiplier(cfg.target_epsilon, cfg.delta, cfg.sample_rate,
+                                              max(1, rounds) * train.local_steps, cfg.accountant)
+        return cls(z, cfg.max_grad_norm, cfg.sample_rate, train.local_steps, cfg.delta, cfg.accountant,
+                   cfg.secure_mode)
+
+    # -- the wire: what the server tells devices, and what they echo ---------------------------------
+    def to_config(self) -> dict[str, float | int]:
+        return {Z: self.noise_multiplier, C: self.max_grad_norm, Q: self.sample_rate, STEPS: self.steps}
+
+    @classmethod
+    def from_message(cls, config: Mapping[str, Any], policy: SamplePrivacyConfig) -> "SampleLevel":
+        """A device's mechanism: exactly the server's parameters; delta, accountant and secure mode
+        are the device's own (its ledger and its noise sampling)."""
+        missing = [k for k in (Z, C, Q, STEPS) if k not in config]
+        if missing:
+            raise ValueError(f"the train message lacks the sample-level parameters {missing}")
+        return cls(float(config[Z]), float(config[C]), float(config[Q]), int(config[STEPS]), policy.delta,
+                   policy.accountant, policy.secure_mode)
+
+    def echo(self) -> dict[str, float | int]:
+        """What a device reports it used (public parameters only)."""
+        return self.to_config()
+
+    def check_echo(self, metrics: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``metrics`` echo exactly this mechanism's parameters."""
+        for key, value in self.to_config().items():
+            echoed = metrics.get(key)
+            if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or float(echoed) != float(value):
+                raise ValueError(f"device used {key}={echoed!r}, the server sent {value!r}")
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def account_for(self, rounds: int, before: SampleAccount | None = None) -> SampleAccount:
+        """The history of ``rounds`` rounds of this mechanism (after ``before``)."""
+        account = SampleAccount(accountant=self.accountant) if before is None else before
+        for _ in range(rounds):
+            account = account.plus(self.noise_multiplier, self.sample_rate, self.steps)
+        return account
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon at ``delta`` of a device that trained ``rounds`` rounds of this mechanism."""
+        return self.account_for(rounds).epsilon(self.delta)
+
+    # -- the device's half -----------------------------------------------------------------------------
+    def make_private(self, model: nn.Module, train: TrainConfig, generator: torch.Generator | None
+                     ) -> tuple[GradSampleModule, DPOptimizer]:
+        """Wrap ``model`` for per-sample gradients and AdamW in Opacus' DP optimizer (clip, then noise).
+
+        The optimizer averages by the public ``train.batch_size``; ``generator`` draws the noise.
+        """
+        gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            torch.optim.AdamW([p for p in gs_model.parameters() if p.requires_grad], lr=train.lr,
+                              weight_decay=train.weight_decay),
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=train.batch_size, loss_reduction="mean", generator=generator,
+            secure_mode=self.secure_mode,
+        )
+        return gs_model, optimizer
+
+    def train(self, model: nn.Module, examples: Sequence[Example], train: TrainConfig, account: SampleAccount,
+              blank: int, n_mels: int, secret: Secret, release: int) -> float:
+        """Train ``model`` in place for ``steps`` DP-SGD steps and record them in ``account``.
+
+        Batches and noise come from ``secret``'s streams for this ``release`` (the device's release
+        counter: a new release never reuses a stream). ``examples`` may be empty: every batch is
+        then empty and the update is noise alone -- still the same mechanism, nothing about n
+        leaks. Returns the mean loss of the non-empty steps (NaN if none; never sent under DP).
+        """
+        rng = secret.random(BATCHES, release)
+        gs_model, optimizer = self.make_private(model, train, secret.generator(DP_SGD_NOISE, release))
+        gs_model.train()
+        losses: list[float] = []
+        params = [p for p in gs_model.parameters() if p.requires_grad]
+        for _ in range(self.steps):
+            idx = poisson_batch(len(examples), self.sample_rate, rng)
+            optimizer.zero_grad(set_to_none=True)
+            if idx:
+                losses.append(per_sample_backward(gs_model, collate([examples[i] for i in idx], n_mels), blank).item())
+            else:  # an empty Poisson batch is still a step of the mechanism: noise only, counted
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            optimizer.step()
+        account.history = self.account_for(1, account).history
+        gs_model.to_standard_module()
+        return sum(losses) / len(losses) if losses else float("nan")
 
 
 def per_sample_backward(gs_model: GradSampleModule, batch: Batch, blank: int) -> torch.Tensor:
@@ -107,54 +225,3 @@ def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, batch: Batc
     loss = per_sample_backward(gs_model, batch, blank)
     optimizer.step()
     return loss.item()
-
-
-def dp_sgd_round(
-    model: nn.Module,
-    examples: Sequence[Example],
-    train: TrainConfig,
-    privacy: SamplePrivacyConfig,
-    account: SampleAccount,
-    blank: int,
-    n_mels: int,
-    seed: int,
-    noise_multiplier: float | None = None,
-) -> DPRoundStats:
-    """Train ``model`` in place for ``train.local_steps`` DP-SGD steps; record them in ``account``.
-
-    The sampling rate is ``train.batch_size / len(examples)`` (capped at 1); ``noise_multiplier``
-    overrides ``privacy.noise_multiplier`` (the device's target-epsilon mode derives its own). In ``secure_mode`` the
-    batch sampling and the noise use the OS's cryptographically secure generator.
-    """
-    n = len(examples)
-    if n == 0:
-        raise ValueError("DP-SGD needs at least one training example")
-    rate = sample_rate(n, train.batch_size)
-    rng: random.Random = random.SystemRandom() if privacy.secure_mode else random.Random(seed)
-    gs_model, optimizer = make_private(model, train, privacy, max(1, round(rate * n)), seed, noise_multiplier)
-    acc = create_accountant(account.accountant)
-    acc.history = [tuple(h) for h in account.history]
-    optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=rate))
-    gs_model.train()
-    losses: list[float] = []
-    empty = 0
-    params = [p for p in gs_model.parameters() if p.requires_grad]
-    for _ in range(train.local_steps):
-        idx = poisson_batch(n, rate, rng)
-        if idx:
-            losses.append(private_step(gs_model, optimizer, collate([examples[i] for i in idx], n_mels), blank))
-        else:
-            # An empty Poisson batch is still a step of the mechanism: noise only, counted.
-            empty += 1
-            optimizer.zero_grad(set_to_none=True)
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-            optimizer.step()
-    account.history = [tuple(h) for h in acc.history]
-    gs_model.to_standard_module()
-    return DPRoundStats(
-        steps=train.local_steps,
-        empty_steps=empty,
-        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
-        sample_rate=rate,
-    )
