@@ -35,7 +35,7 @@ from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.train import evaluate
 from server import checkpoint
-from server.results import SUMMARY
+from server.results import SUMMARY, write_summary
 from server.server_app import ServerSettings, make_server_app
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     if summary["federated_evaluation"] != "on":
         seed_weights = torch.load(seed_path, weights_only=False)["state_dict"]
         summary["simulation_eval"] = simulation_eval(cfg, str(fleet), len(ids), seed_weights, final["state_dict"])
+        write_summary(out_dir, summary)
     summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
 
@@ -154,7 +155,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if sim:
         console.print(f"device WER/CER: {sim['observer']}; federated evaluation {summary['federated_evaluation']}")
     privacy = summary["privacy"]
-    if privacy["randomness"] != "secret":
+    if privacy.get("randomness", "secret") != "secret":
         console.print(f"[bold red]{privacy['randomness'].upper()}[/bold red]")
     sample = privacy["sample"]
     if sample:

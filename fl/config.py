@@ -123,7 +123,7 @@ class UserPrivacyConfig:
     update norms, paid for by a noised count with ``count_noise_multiplier``) or ``per_layer``.
     ``population`` and ``cohort`` (optional, together) account a larger stated deployment
     (q = cohort / population) than the simulation runs; the report marks it as extrapolated.
-    ``delta``: null means 1 / (10 N) for N devices (the stated population when extrapolating); a
+    ``delta``: null means min(1e-5, 1 / (10 N)) for N devices (the stated population when extrapolating); a
     delta >= 1/N is refused. ``secure_mode``: noise drawn with Opacus' floating-point-attack
     mitigation (server noise and device shares).
     """

@@ -8,6 +8,8 @@ and ``declined``; example counts, losses and test metrics are sent only without 
 (``clients/guard.py`` enforces it, docs/privacy.md lists it).
 """
 
+from typing import Any, Mapping
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -30,3 +32,11 @@ CLIP_BIT = "clip-bit"
 
 # the reply to the server's QUERY at the start of a run: the device's stable key (see server/devices.py)
 DEVICE_KEY = "device-key"
+
+
+def check_echo(sent: Mapping[str, float | int], metrics: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``metrics`` echo every parameter of ``sent`` exactly (as numbers)."""
+    for key, value in sent.items():
+        echoed = metrics.get(key)
+        if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or float(echoed) != float(value):
+            raise ValueError(f"device used {key}={echoed!r}, the server sent {value!r}")

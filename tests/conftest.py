@@ -11,7 +11,8 @@ from fl.config import ModelConfig
 from fl.data.features import Example
 from fl.data.text import CharTokenizer
 
-SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "central_run", "secure_run", "deployment", "ray_head"}
+SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "local_run", "central_run", "secure_run", "deployment",
+                 "ray_head"}
 """Fixtures that run a simulation or a deployment: a test using one is marked ``slow``."""
 
 
@@ -91,4 +92,14 @@ def private_run(tmp_path_factory, sim_cache) -> Path:
         tmp_path_factory.mktemp("both"), sim_cache, "privacy=both", "federation.rounds=3",
         "federation.drop_after_training=1.0", "privacy.sample.noise_multiplier=3.0",
         "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=1.5",
+    ) / "run"
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory, sim_cache) -> Path:
+    """privacy=both with local user-level noise, secure mode at both levels, and the outbound audit."""
+    return simulate(
+        tmp_path_factory.mktemp("local"), sim_cache, "privacy=both", "privacy.user.noise=local",
+        "privacy.sample.secure_mode=true", "privacy.user.secure_mode=true", "federation.sampling=fixed",
+        "federation.audit_outbound=true",
     ) / "run"

@@ -17,7 +17,7 @@ def test_results_have_a_row_per_round(smoke_run):
     for r in rows:
         assert ROW_KEYS <= set(r)
         assert 0.0 <= r["wer"] and 0.0 <= r["cer"]
-    assert rows[0]["epsilon_sample"] is None
+    assert rows[0]["epsilon_sample"] == 0.0  # the seed model: nothing spent yet
     assert rows[1]["clients"] == rows[2]["clients"] == 4
     assert 0 < rows[1]["epsilon_sample"] < rows[2]["epsilon_sample"]
     assert rows[2]["epsilon_user"] is None

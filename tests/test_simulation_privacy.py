@@ -64,3 +64,40 @@ def test_rounds_complete_with_the_devices_that_did_not_crash(faulty_run):
         ledger = state_dir(fleet, pid) / "ledger.json"
         steps = sum(n for _, _, n in json.loads(ledger.read_text())["history"]) if ledger.exists() else 0
         assert steps == 2 * len(rounds)
+
+
+def test_every_message_of_a_both_levels_run_carries_only_the_update_and_the_echo(local_run):
+    """The outbound inventory: what each device sent, field by field, in a privacy=both run."""
+    from clients.guard import allowed_metrics
+    from fl.config import ModelConfig
+    from fl.model.conformer import ConformerCTC
+    from fl.privacy.sample import SampleLevel
+    from fl.privacy.user import UserRound
+
+    cfg = json.loads((local_run / "summary.json").read_text())["config"]["model"]
+    model = ConformerCTC(ModelConfig(**cfg), 29).state_dict()
+    floats = {k: list(v.shape) for k, v in model.items() if v.is_floating_point()}
+    echo = set(SampleLevel(1.0, 1.0, 1.0, 1).echo()) | set(UserRound(1.0, 1.0, 1).echo())
+    rows = [json.loads(line) for f in (local_run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
+    by_type = {t: [r for r in rows if r["type"] == t] for t in {r["type"] for r in rows}}
+    assert set(by_type) == {"query", "train"}  # no evaluation replies under privacy
+    assert all(r["metrics"] == {"device-key": "int"} and r["arrays"] is None for r in by_type["query"])
+    assert len(by_type["train"]) == 2 * 4
+    for r in by_type["train"]:
+        assert r["records"] == ["arrays", "metrics"] and r["arrays"] == floats
+        assert set(r["metrics"]) == echo and set(r["metrics"]) <= allowed_metrics(sample=True, user=True)
+
+
+def test_local_noise_reports_what_the_server_learns_beside_the_models_epsilon(local_run):
+    summary = json.loads((local_run / "summary.json").read_text())
+    user = summary["privacy"]["user"]
+    assert user["noise"] == "local" and user["secure_mode"] and summary["privacy"]["sample"]["secure_mode"]
+    # towards the server: Gaussian(z / 2) (replace-one, no amplification) over the rounds the worst device trained
+    spec = UserLevelSpec(user["update_noise_multiplier"] / 2, 1.0, user["server_rounds"], user["delta"], "fixed",
+                         user["accountant"])
+    assert user["server_rounds"] == 2 and user["epsilon_server"] == pytest.approx(user_level_epsilon(spec), rel=1e-9)
+    assert user["epsilon_server"] > user["epsilon"]
+    rows = read_results(local_run)
+    assert rows[-1]["epsilon_user_server"] == pytest.approx(user["epsilon_server"])
+    assert rows[0]["randomness"] == "secret"
+    assert [r["clients"] for r in rows[1:]] == [4, 4]  # secure mode trained at both levels on every device

@@ -232,7 +232,8 @@ def test_target_epsilon_calibrates_the_noise():
 
 
 def test_delta_defaults_to_a_tenth_of_one_over_n_and_one_over_n_is_refused():
-    assert _level(devices=50).delta == default_delta(50) == 1 / 500
+    assert _level(devices=50).delta == default_delta(50) == 1e-5  # 1/(10 N) = 2e-3 would be weak
+    assert default_delta(1_000_000) == 1e-7
     assert _level(devices=50, delta=1e-5).delta == 1e-5
     for bad in (1 / 50, 0.5):
         with pytest.raises(ValueError, match="1/N"):

@@ -35,6 +35,7 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fl import protocol
 from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.data.features import Batch, Example, collate
 from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
@@ -144,10 +145,7 @@ class SampleLevel:
 
     def check_echo(self, metrics: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` unless ``metrics`` echo exactly this mechanism's parameters."""
-        for key, value in self.to_config().items():
-            echoed = metrics.get(key)
-            if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or float(echoed) != float(value):
-                raise ValueError(f"device used {key}={echoed!r}, the server sent {value!r}")
+        protocol.check_echo(self.to_config(), metrics)
 
     # -- accounting ------------------------------------------------------------------------------------
     def account_for(self, rounds: int, before: SampleAccount | None = None) -> SampleAccount:

@@ -49,6 +49,7 @@ import torch
 from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor
 
+from fl import protocol
 from fl.config import UserPrivacyConfig
 from fl.privacy.accounting import (
     UserLevelSpec,
@@ -281,10 +282,7 @@ class UserRound:
 
     def check_echo(self, metrics: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` unless ``metrics`` echo exactly these parameters."""
-        for key, value in self.to_config().items():
-            echoed = metrics.get(key)
-            if isinstance(echoed, bool) or not isinstance(echoed, (int, float)) or float(echoed) != float(value):
-                raise ValueError(f"device used {key}={echoed!r}, the server sent {value!r}")
+        protocol.check_echo(self.to_config(), metrics)
 
     def clip(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
         """``delta`` clipped to C (flat or per-layer) and whether its norm was already within C."""
@@ -378,9 +376,9 @@ class AdaptiveClipNorm:
 
 
 def default_delta(population: int) -> float:
-    """The user-level delta used when none is set: 1 / (10 N) for a population of N devices."""
+    """The user-level delta used when none is set: min(1e-5, 1 / (10 N)) for a population of N devices."""
     _check_int("population", population, 1)
-    return 1.0 / (10 * population)
+    return min(1e-5, 1.0 / (10 * population))
 
 
 @dataclass
@@ -442,10 +440,10 @@ class UserLevel:
         if not 0.0 < self.delta < 1.0 / self.population:
             raise ValueError(f"user-level delta {self.delta:g} is not below 1/N = 1/{self.population}: a "
                              "mechanism that publishes one device's data outright would meet it; set "
-                             f"privacy.user.delta <= {default_delta(self.population):.3g} (1/(10 N)) or leave it null")
-        if self.delta > default_delta(self.population):
+                             f"privacy.user.delta <= {0.1 / self.population:.3g} (1/(10 N)) or leave it null")
+        if self.delta > 0.1 / self.population:
             log.warning("user-level delta %.3g is above 1/(10 N) = %.3g for N = %d devices", self.delta,
-                        default_delta(self.population), self.population)
+                        0.1 / self.population, self.population)
         self.z = cfg.noise_multiplier
         if cfg.target_epsilon is not None:
             self.z = calibrate_noise_multiplier(cfg.target_epsilon, self.rate, self.planned_rounds, self.delta,
