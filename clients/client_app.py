@@ -104,6 +104,15 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     sample = SampleLevel.from_message(config, settings.sample) if settings.sample else None
     user = UserRound.from_message(config, settings.user.secure_mode) if settings.user else None
     settings.faults.before_training(context, settings.seed, server_round)
+    with state.locked():
+        return _release(settings, msg, context, store, tokenizer, state, device, sample, user, started)
+
+
+def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, tokenizer: CharTokenizer,
+             state: DeviceState, device: DeviceData, sample: Optional[SampleLevel], user: Optional[UserRound],
+             started: float) -> Message:
+    """Plan, train, privatise and commit one release under the state folder's lock (see ``_train``)."""
+    server_round = int(msg.content[P.CONFIG][P.ROUND])  # type: ignore[arg-type]
     this_round = round_key(server_round, msg.content[P.ARRAYS])
     plan = state.plan(this_round)
     secret = state.secret()
@@ -148,7 +157,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
         return _declined(msg)
     steps = sample.steps if sample else settings.train.local_steps
     state.commit(Release(this_round, digest, before, plan.index), account, server_round, steps,
-                 len(device.train), time.perf_counter() - started)
+                 len(device.train), time.perf_counter() - started, sample.delta if sample else None)
     settings.faults.after_training(context, settings.seed, server_round)
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: record}), reply_to=msg)
 

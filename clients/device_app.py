@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from clients.client_app import DeviceSettings, make_client_app
 from clients.local import LocalDevice
 from fl import runconfig
+from fl.deploy.flower import console_logging
 
 MAX_EPSILON = "max-epsilon"
 AUDIT_DIR = "audit-dir"
@@ -50,4 +51,5 @@ class DeployedClientApp(ClientApp):
         return inner(message, context)
 
 
+console_logging()  # after the imports: Opacus has configured the root logger by now
 app = DeployedClientApp()

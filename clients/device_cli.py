@@ -22,8 +22,9 @@ from typing import Optional
 
 from clients.device_app import AUDIT_DIR, MAX_EPSILON
 from clients.local import DATA_DIR, STATE_DIR, corpus_kind
+from clients.state import DeviceState
 from fl.data.readers import CorpusError, read_corpus
-from fl.deploy.flower import flower_env, toml_string, tool
+from fl.deploy.flower import console_logging, flower_env, toml_string, tool
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,46 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
 
 
 def check_data(data: Path) -> int:
-    """Read the data folder; log what is usable and what is skipped. Returns the usable count."""
-    result = read_corpus(corpus_kind(data), data)
-    for p in result.problems:
-        log.warning("skipping %s: %s", p.utterance_id, p.reason)
-    log.info("%s: %d usable recordings, %d skipped", data, len(result.utterances), len(result.problems))
+    """Read the data folder; log how many recordings are usable and, by kind, how many are skipped.
+
+    The log names no recording, file or transcript (it may be collected); ``unheard-data validate``
+    lists each problem for the device's owner. Returns the usable count."""
+    result = read_corpus(corpus_kind(data), data)  # logs the skipped ones by kind (fl/data/readers.py)
+    log.info("%d usable recordings, %d skipped (details: unheard-data validate DIR, on this device)",
+             len(result.utterances), len(result.problems))
     return len(result.utterances)
 
 
+def show_status(state: Path) -> int:
+    """``unheard-device status --state DIR``: this device's own privacy figures, for its owner."""
+    if not state.is_dir():
+        log.error("%s: no such state folder", state)
+        return 2
+    info = DeviceState(state).status()
+    eps = "-" if info["epsilon"] is None else f"{info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant']})"
+    last = info["last_round"]
+    lines = [f"device state  {info['state']}", f"device key    {info['device_key']}",
+             f"rounds        {info['rounds_trained']} trained"
+             + (f", last: round {last['round']} ({last['steps']} steps)" if last else ""),
+             f"DP-SGD steps  {info['dp_sgd_steps']}", f"epsilon       {eps}  (sample-level, every run so far)"]
+    declined = info["last_declined"]
+    if declined:
+        budget = declined.get("max_epsilon")
+        lines.append(f"declined      round {declined['declined_round']}: {declined['reason']}"
+                     + (f" (budget {budget})" if budget is not None else ""))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="unheard-device", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        status = argparse.ArgumentParser(prog="unheard-device status", description="this device's privacy figures")
+        status.add_argument("--state", type=Path, required=True, help="the device's state folder")
+        console_logging()
+        sys.exit(show_status(status.parse_args(argv[1:]).state))
+    parser = argparse.ArgumentParser(prog="unheard-device", description=__doc__.splitlines()[0],
+                                     epilog="`unheard-device status --state DIR` shows this device's own epsilon.")
     parser.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
     parser.add_argument("--data", type=Path, required=True, help="this device's recordings")
     parser.add_argument("--state", type=Path, required=True, help="folder for the ledger, history and caches")
@@ -64,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-wait-time", type=float, help="give up if the SuperLink stays unreachable this long")
     parser.add_argument("--audit-dir", type=Path, help="log the shape of every reply this device sends here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console_logging()
     for what, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if not path.is_file():
             log.error("%s %s: no such file", what, path)

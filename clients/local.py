@@ -50,11 +50,11 @@ def load_local_device(data_dir: str, state_dir: str, n_mels: int, test_fraction:
     state.mkdir(parents=True, exist_ok=True)
     (state / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in problems))
     if problems:
-        log.warning("device data %s: %d recordings skipped (see %s)", data, len(problems), state / "problems.jsonl")
+        log.warning("%d recordings skipped (see %s on this device)", len(problems), state / "problems.jsonl")
     kept = {e.id: e for e in feats.examples}
     usable = [u for u in read.utterances if u.id in kept]
     if len(usable) < 2:
-        log.warning("device data %s: %d usable recordings; this device will decline to train", data, len(usable))
+        log.warning("%d usable recordings: this device trains on noise alone under DP, else declines", len(usable))
         return DeviceData(data.name, [kept[u.id] for u in usable], [])
     train, test = split_device(usable, test_fraction, seed)
     return DeviceData(data.name, [kept[u.id] for u in train], [kept[u.id] for u in test])

@@ -21,7 +21,9 @@ is read and written only through :class:`DeviceState`:
 * ``device-key`` -- a deployed device's random 52-bit name (``key``), the one value it sends about itself.
 
 Write order (:meth:`DeviceState.commit`), all before the reply leaves: release record, then
-ledger, then round history. A crash between any two leaves a release record of a reply that was
+ledger, then round history. A training request holds the folder's lock (:meth:`DeviceState.locked`)
+from planning to commit, so two runs using one device never interleave their ledger updates. A
+crash between any two leaves a release record of a reply that was
 never sent: asked again, the device trains from the recorded ledger-before and counts the round
 once; never asked again, nothing was released. Every reply that left the device is counted in its
 ledger exactly once.
@@ -29,13 +31,15 @@ ledger exactly once.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from flwr.app import ArrayRecord, MetricRecord
 
@@ -111,6 +115,16 @@ class DeviceState:
     def _dir(self) -> Path:
         return private_dir(self.root)
 
+    @contextmanager
+    def locked(self) -> Iterator["DeviceState"]:
+        """Hold the state folder's exclusive lock (across processes) for one plan-train-commit."""
+        with open(self._dir() / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def _read(self, name: str) -> Optional[Any]:
         path = self.root / name
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
@@ -150,7 +164,7 @@ class DeviceState:
         return Plan(0 if last is None else last.index + 1, None, None)
 
     def commit(self, release: Release, account: Optional[SampleAccount], server_round: int, steps: int,
-               utterances: int, seconds: float) -> None:
+               utterances: int, seconds: float, delta: Optional[float] = None) -> None:
         """Record a release before its reply leaves: release record, ledger, round history, in that order.
 
         ``account`` is the ledger after this release (None without sample-level DP). A release whose
@@ -161,7 +175,8 @@ class DeviceState:
         first_time = not history or history[-1].get("round_key") != release.round_key
         _write_atomic(self._dir() / RELEASE, json.dumps(asdict(release)))
         if account is not None:
-            _write_atomic(self.root / LEDGER, json.dumps({"history": [list(h) for h in account.history]}))
+            _write_atomic(self.root / LEDGER, json.dumps({"history": [list(h) for h in account.history],
+                                                          "accountant": account.accountant, "delta": delta}))
         if first_time:
             with open(self.root / HISTORY, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"round": server_round, "round_key": release.round_key, "steps": steps,
@@ -178,6 +193,19 @@ class DeviceState:
 
     def rounds_trained(self) -> list[int]:
         return [r["round"] for r in self.rounds()]
+
+    def status(self) -> dict[str, Any]:
+        """What the device's owner wants to know: rounds trained, own epsilon, why it last declined."""
+        rounds = self.rounds()
+        rec = self._read(LEDGER) or {}
+        account = SampleAccount(history=_history(rec.get("history", [])), accountant=rec.get("accountant") or "rdp")
+        delta = rec.get("delta")
+        return {
+            "state": str(self.root), "device_key": int((self.root / KEY).read_text()) if (self.root / KEY).exists()
+            else None, "rounds_trained": len(rounds), "last_round": rounds[-1] if rounds else None,
+            "dp_sgd_steps": account.steps, "epsilon": account.epsilon(delta) if delta else None, "delta": delta,
+            "accountant": account.accountant if delta else None, "last_declined": self._read(STATUS),
+        }
 
     def declined(self, server_round: int, reason: str, **figures: Any) -> None:
         """Leave the device's owner a note of why it declined ``server_round``."""

@@ -3,6 +3,9 @@
 * ``dp_step_ratio``: seconds per DP-SGD step (the production step, ``fl/privacy/sample.py``)
   over seconds per non-private AdamW step, default model, a batch of 16 utterances of 4 s.
   Also reported without dropout, whose random masks cost both steps alike.
+* ``secret_overhead``: seconds of one device's training release (privacy=both, local noise: DP-SGD
+  batches and noise plus the user-level share, all from secret streams) with a device secret from
+  the OS CSPRNG over the same with ``privacy.reproducible``'s seed-derived secret.
 * ``sim_overhead``: 1 - (device training seconds) / (actors x round wall time), for a round of
   16 devices of the default model with DP-SGD: the share of the round in which the simulation's
   actors did not train (messaging, model loading, aggregation, evaluation, checkpointing).
@@ -36,7 +39,7 @@ from fl.config import ModelConfig, TrainConfig
 from fl.data.features import Batch
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
-from fl.privacy.sample import SampleLevel, private_step
+from fl.privacy.sample import SampleAccount, SampleLevel, private_step
 from fl.train import ctc_losses
 from server.results import read_results
 
@@ -89,6 +92,39 @@ def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[st
     non_dp0, dp0 = _step_seconds(ModelConfig(dropout=0.0), repeats, batch_size, seconds)
     return {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp, "dp_step_ratio": dp / non_dp,
             "dp_step_ratio_no_dropout": dp0 / non_dp0}
+
+
+def secret_overhead(repeats: int) -> dict[str, float]:
+    """A device's release with a secret from the OS against one derived from the seed (alternated)."""
+    from fl.data.features import Example
+    from fl.privacy.randomness import Secret
+    from fl.privacy.user import UserRound, model_delta
+
+    cfg, tok = ModelConfig(), CharTokenizer()
+    batch = _batch(cfg, 32, 4.0, chars=60)
+    examples = [Example(f"u{i}", "s", batch.feats[i, : int(batch.feat_lens[i])].half(),
+                        batch.targets[i, : int(batch.target_lens[i])], "x") for i in range(32)]
+    mechanism = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=2)
+    share = UserRound(noise_multiplier=1.0, clip_norm=1.0, noise_cohort=1)
+    train = TrainConfig(local_steps=2, batch_size=8, lr=1e-4)
+
+    def release(secret: Secret) -> None:
+        torch.manual_seed(0)
+        model = ConformerCTC(cfg, tok.vocab_size)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        mechanism.train(model, examples, train, SampleAccount(), tok.blank, cfg.n_mels, secret, 0)
+        share.privatize(model_delta(model.state_dict(), base), secret, 0)
+
+    secret, seeded = Secret.generate(), Secret.from_seed(0, "device:0")
+    times = {"secret": 0.0, "reproducible": 0.0}
+    for _ in range(max(1, repeats)):
+        for name, s in (("secret", secret), ("reproducible", seeded)):
+            started = time.perf_counter()
+            release(s)
+            times[name] += time.perf_counter() - started
+    return {"release_seconds_secret": times["secret"] / repeats,
+            "release_seconds_reproducible": times["reproducible"] / repeats,
+            "secret_overhead": times["secret"] / times["reproducible"]}
 
 
 def _tree_pss(root: int) -> dict[str, int]:
@@ -190,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--repeats", type=int, default=5)
-    figure_names = ["dp_step", *RUNS]
+    figure_names = ["dp_step", "secret_overhead", *RUNS]
     parser.add_argument("--only", nargs="+", choices=figure_names, default=figure_names)
     parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
     args = parser.parse_args()
@@ -199,7 +235,10 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.only:
-            figures |= dp_step(args.repeats) if name == "dp_step" else RUNS[name](work)
+            if name in ("dp_step", "secret_overhead"):
+                figures |= (dp_step if name == "dp_step" else secret_overhead)(args.repeats)
+            else:
+                figures |= RUNS[name](work)
             Path(args.out).write_text(json.dumps(figures, indent=2))  # keep what is measured so far
     for k, v in figures.items():
         print(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}")

@@ -20,6 +20,7 @@ from typing import Optional
 
 from experiments.loopback import Loopback
 from fl.deploy.certs import make_ca_and_server, make_device_key
+from fl.deploy.flower import console_logging
 
 log = logging.getLogger(__name__)
 SPEECHOCEAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "speechocean762" / "train"
@@ -112,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("device_cost.json"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console_logging()
     if not SPEECHOCEAN.is_dir():
         raise SystemExit(f"{SPEECHOCEAN} not found: the measurement uses one speechocean762 speaker's recordings")
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,8 @@ class Loopback:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"  # what devices dial: the Fleet-only proxy
+        self.control = f"127.0.0.1:{free_port()}"  # the SuperLink itself: operator commands and launches
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "w") as log:
@@ -69,7 +70,7 @@ class Loopback:
     def superlink(self, certs: Path, allow: Path) -> None:
         self.start("superlink", [str(BIN / "unheard-superlink"), "start", "--certs", str(certs), "--state",
                                  str(self.root / "superlink"), "--allow", str(allow), "--host", "127.0.0.1",
-                                 "--port", str(self.port)])
+                                 "--port", str(self.port), "--control-port", self.control.rsplit(":", 1)[1]])
         self.wait_for("superlink", "SuperLink ready", timeout=120)
 
     def device(self, name: str, key: Path, ca: Path, *extra: str) -> subprocess.Popen:
@@ -88,6 +89,6 @@ class Loopback:
             time.sleep(0.5)
 
     def launch(self, ca: Path, out: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "unheard-launch"), f"hydra.run.dir={out}", f"deploy.superlink={self.address}",
+        cmd = [str(BIN / "unheard-launch"), f"hydra.run.dir={out}", f"deploy.superlink={self.control}",
                f"deploy.root_cert={ca}", *overrides]
         return subprocess.run(cmd, cwd=ROOT, env=flower_free_env(), capture_output=True, text=True, timeout=timeout)

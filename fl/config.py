@@ -229,12 +229,13 @@ class CentralConfig:
 class DeployConfig:
     """Where ``unheard-launch`` submits a run on Flower's Deployment Engine.
 
-    ``superlink``: the SuperLink's address (host:port, its one HTTPS port); ``root_cert``: the CA
-    certificate that signed the SuperLink's (TLS is always on); ``timeout``: seconds to wait for
-    the run to finish.
+    ``superlink``: the SuperLink's operator address (host:port of its Control API: loopback on the
+    SuperLink's host, ``unheard-superlink start --control-port``; devices use the Fleet-only
+    ``--port`` instead); ``root_cert``: the CA certificate that signed the SuperLink's (TLS is
+    always on); ``timeout``: seconds to wait for the run to finish.
     """
 
-    superlink: str = "127.0.0.1:9093"
+    superlink: str = "127.0.0.1:9095"
     root_cert: Optional[str] = None
     timeout: float = 7200.0
 

@@ -19,10 +19,12 @@ population is when the run resumes.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -53,6 +55,22 @@ class ServerState:
 def private_path(out_dir: Path) -> Path:
     """The run's private folder (created owner-only)."""
     return private_dir(Path(out_dir) / PRIVATE)
+
+
+@contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold the run folder for one ServerApp: a second one on the same folder (a launcher resumed while
+    the first still runs) fails at once instead of interleaving rounds and releases."""
+    with open(private_path(out_dir) / "server.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another ServerApp is running on {out_dir}: stop it (or let it finish) before "
+                               "resuming") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def state_path(out_dir: Path) -> Path:

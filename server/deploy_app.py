@@ -11,8 +11,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl import runconfig
+from fl.deploy.flower import console_logging
 from server.server_app import ServerSettings, run_server
 
+console_logging()  # after the imports: Opacus has configured the root logger by now
 app = ServerApp()
 
 

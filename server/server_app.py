@@ -15,6 +15,7 @@ before a round that would take any level past it; ``resume`` continues an interr
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -92,10 +93,26 @@ class ServerSettings:
         return self.sample is not None or self.user is not None
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+PROGRESS = "progress.json"
+"""What the server is doing now (phase, round, devices connected, replies): public figures only,
+rewritten as the run goes, for ``unheard-launch``'s live view."""
+
+
+def _progress(out: Path, **fields: Any) -> None:
+    tmp = out / (PROGRESS + ".tmp")
+    tmp.write_text(json.dumps({"time": time.time(), **fields}))
+    tmp.replace(out / PROGRESS)
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path) -> list[int]:
+    """Wait until ``wanted`` devices are connected (up to ``timeout`` s), saying how many are."""
+    deadline, said = time.monotonic() + timeout, -1
     while True:
         nodes = sorted(grid.get_node_ids())
+        if len(nodes) != said:
+            log.info("%d of %d devices connected", len(nodes), wanted)
+            _progress(out, phase="waiting for devices", connected=len(nodes), wanted=wanted)
+            said = len(nodes)
         if len(nodes) >= wanted or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
@@ -256,7 +273,14 @@ def _mechanisms(s: ServerSettings, population: int) -> Mechanisms:
 
 
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
-    """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl."""
+    """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl.
+
+    One ServerApp per run folder: a second one on the same folder fails at once."""
+    with checkpoint.exclusive(Path(s.out_dir)):
+        return _run_server(grid, s)
+
+
+def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     out = Path(s.out_dir)
     resumed = checkpoint.resumable(out, s.config) if s.resume else None
     tokenizer = CharTokenizer()
@@ -266,12 +290,18 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     arrays = ArrayRecord(model.state_dict())
     writer = ResultsWriter(out)
     ledger = ParticipationLedger()
-    nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout)
+    nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout, out)
     if not nodes:
-        raise RuntimeError("no devices connected: nothing to train on")
+        raise RuntimeError("no devices connected within federation.round_timeout: nothing to train on")
+    if s.user is not None and len(nodes) < s.clients_per_round:
+        raise RuntimeError(f"a cohort of {s.clients_per_round} devices a round is larger than the {len(nodes)} devices "
+                           "connected: user-level DP cannot run; lower federation.clients_per_round or connect more")
     devices = identify(grid, nodes, s.round_timeout)
     participation = participation_rate(s.clients_per_round, len(nodes))
-    mech = _mechanisms(s, len(nodes))
+    try:
+        mech = _mechanisms(s, len(nodes))
+    except ValueError as err:
+        raise RuntimeError(f"the privacy settings cannot run: {err}") from None
     sample, user = mech.sample, mech.user
     randomness = REPRODUCIBLE_LABEL if s.reproducible else "secret"
     if s.reproducible:
@@ -346,6 +376,8 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                 break
             started = time.perf_counter()
             cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, mech.secret.random(COHORT, r))
+            _progress(out, phase="training", round=r, rounds=s.rounds, connected=len(grid.get_node_ids()),
+                      cohort=len(cohort))
             run_round = _secure_round if user and user.secure else _plain_round
             arrays, outcome, declined = run_round(grid, s, mech, devices, cohort, arrays, r)
             ledger.charge(k for k in cohort if k not in set(declined))
@@ -358,7 +390,11 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                      "%d failed, %d rejected", r, row.wer, row.epsilon_sample, row.epsilon_user,
                      row.epsilon_user_server, row.clients, row.declined, row.failures, row.rejected)
             progress.update(bar, advance=1, description=f"round {r}: WER {row.wer:.3f}")
+            _progress(out, phase="round done", round=r, rounds=s.rounds, connected=len(grid.get_node_ids()),
+                      cohort=len(cohort), replies=row.clients + row.declined, failures=row.failures,
+                      rejected=row.rejected)
     seed, final = writer.rows[0], writer.rows[-1]
+    _progress(out, phase="finished", round=final.round, rounds=s.rounds)
     writer.write_summary({
         "config": s.config,
         "seed_model": _scores(seed),

@@ -7,14 +7,18 @@ and allowed scalars, and neither an unregistered key nor a wrong CA gets in.
 """
 
 import json
+import ssl
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from clients.state import DeviceState
-from experiments.loopback import Loopback
+from experiments.loopback import BIN, ROOT, Loopback, flower_free_env
 from fl.data.embedded import build_embedded_corpus
 from fl.deploy.certs import make_ca_and_server, make_device_key
+from fl.deploy.flower import write_connection
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -140,3 +144,41 @@ def test_a_device_without_the_right_root_certificate_cannot_connect(deployment):
     assert proc.wait(timeout=120) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in fleet.log("wrong-ca")
     fleet.procs.pop("wrong-ca")
+
+
+def test_an_outsider_with_the_public_ca_and_a_key_of_their_own_reaches_only_the_fleet_api(deployment, tmp_path):
+    """The outsider holds ``ca.crt`` (public, on every device) and a key pair of their own, and dials the
+    address devices use. Every operator action is refused there; only Fleet calls pass, and those
+    still need an allowed key."""
+    fleet, ca = deployment["fleet"], deployment["certs"] / "ca.crt"
+    home = tmp_path / "outsider-home"
+    write_connection(home, fleet.address, ca)
+    env = dict(flower_free_env(), FLWR_HOME=str(home))
+    attempts = {
+        "register a node": ["supernode", "register", str(deployment["keys"] / "intruder.pub"), "unheard"],
+        "list nodes": ["supernode", "ls", "unheard"],
+        "list runs": ["ls", "unheard"],
+        "read a log": ["log", "1", "unheard", "--show"],
+        "stop a run": ["stop", "1", "unheard"],
+        "submit a run": ["run", str(ROOT), "unheard"],
+    }
+    transcript = {}
+    for action, args in attempts.items():
+        proc = subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        said = [line.strip(" │") for line in (proc.stdout + proc.stderr).splitlines() if "Fleet API" in line]
+        transcript[action] = {"exit": proc.returncode, "said": said[:1]}
+        assert proc.returncode != 0, action
+        assert "Only the Fleet API is served on this address" in proc.stdout + proc.stderr, (action, proc.stdout)
+    (fleet.root / "outsider-transcript.json").write_text(json.dumps(transcript, indent=1))
+    context = ssl.create_default_context(cafile=str(ca))
+    with httpx.Client(base_url=f"https://{fleet.address}", verify=context, timeout=30) as client:
+        for method, path in (("POST", "/v1/runtime/acquire-task"), ("POST", "/v1/control/list-runs"),
+                             ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/health"),
+                             ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("GET", "/v1/fleet/get-run"),
+                             ("POST", "/v1/fleet/get-run?x=1")):
+            assert client.request(method, path).status_code == 403, path
+        # a Fleet call passes the proxy and meets the SuperLink's own node authentication
+        assert client.post("/v1/fleet/get-run", content=b"").status_code not in (403, 404, 502)
+    # the operator's loopback address still works: the deployment's runs were launched through it
+    assert (deployment["first"] / "summary.json").exists()

@@ -36,7 +36,7 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    """An item a reader skipped, and why."""
+    """An item a reader skipped, and why (``reason`` may quote the item: logs use ``problem_summary``)."""
 
     utterance_id: str
     reason: str

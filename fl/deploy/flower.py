@@ -9,6 +9,7 @@ role gets its own ``FLWR_HOME`` (the ``flwr`` CLI's SuperLink connections, insta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import ssl
@@ -19,6 +20,26 @@ from pathlib import Path
 
 CONNECTION = "unheard"
 """The name of the SuperLink connection written to ``FLWR_HOME/config.toml``."""
+PACKAGES = ("fl", "clients", "server", "experiments")
+
+
+def console_logging(level: int = logging.INFO) -> None:
+    """Log this project's messages at ``level`` to stderr, whatever an import configured first.
+
+    Opacus calls ``logging.basicConfig`` when it is imported (``opacus/utils/module_utils.py``),
+    which makes every later ``basicConfig`` a no-op and leaves the root logger at WARNING, and
+    Flower owns the logging of the processes it starts: so the project's own loggers get their own
+    handler and level instead (idempotent). ``tests/test_logs.py`` checks it survives the import.
+    """
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if not any(getattr(h, "unheard", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.unheard = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
