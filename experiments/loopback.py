@@ -88,7 +88,10 @@ class Loopback:
                 raise TimeoutError(f"{name}: no {text!r} within {timeout} s:\n{self.log(name)[-3000:]}")
             time.sleep(0.5)
 
+    def launch_command(self, ca: Path, out: Path, *overrides: str) -> list[str]:
+        return [str(BIN / "unheard-launch"), f"hydra.run.dir={out}", f"deploy.superlink={self.control}",
+                f"deploy.root_cert={ca}", *overrides]
+
     def launch(self, ca: Path, out: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "unheard-launch"), f"hydra.run.dir={out}", f"deploy.superlink={self.control}",
-               f"deploy.root_cert={ca}", *overrides]
-        return subprocess.run(cmd, cwd=ROOT, env=flower_free_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.launch_command(ca, out, *overrides), cwd=ROOT, env=flower_free_env(),
+                              capture_output=True, text=True, timeout=timeout)

@@ -7,8 +7,10 @@ and allowed scalars, and neither an unregistered key nor a wrong CA gets in.
 """
 
 import json
+import signal
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -36,12 +38,16 @@ def write_device_data(root: Path, cache: Path) -> None:
             (folder / f"{u.id}.txt").write_text(u.text)
 
 
-def launch(fleet: Loopback, ca: Path, cache: Path, name: str, rounds: int) -> Path:
-    """``unheard-launch`` of the smoke preset on the 3 devices (devices evaluate only after the last round)."""
+def smoke(cache: Path, rounds: int) -> list[str]:
+    """The smoke preset on the 3 devices, every device every round."""
+    return ["experiment=smoke", f"data.cache_dir={cache}", "deploy.timeout=600", f"federation.rounds={rounds}",
+            "federation.clients_per_round=3", "federation.sampling=fixed", "federation.round_timeout=300"]
+
+
+def launch(fleet: Loopback, ca: Path, cache: Path, name: str, rounds: int, *extra: str) -> Path:
+    """``unheard-launch`` of :func:`smoke` to the end."""
     out = fleet.root / name
-    proc = fleet.launch(ca, out, "experiment=smoke", f"data.cache_dir={cache}", "deploy.timeout=600",
-                        f"federation.rounds={rounds}", "federation.clients_per_round=3", "federation.sampling=fixed",
-                        "federation.round_timeout=300", "federation.device_eval_every=0")
+    proc = fleet.launch(ca, out, *smoke(cache, rounds), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
@@ -81,7 +87,7 @@ def deployment(tmp_path_factory, sim_cache):
     fleet.wait_for("device0", "SuperNode ID")
     second = launch(fleet, certs / "ca.crt", sim_cache, "run2", rounds=1)
     yield {"fleet": fleet, "first": first, "second": second, "steps_after_first": steps_after_first,
-           "keys": keys, "certs": certs}
+           "keys": keys, "certs": certs, "cache": sim_cache}
     fleet.stop_all()
 
 
@@ -182,3 +188,39 @@ def test_an_outsider_with_the_public_ca_and_a_key_of_their_own_reaches_only_the_
         assert client.post("/v1/fleet/get-run", content=b"").status_code not in (403, 404, 502)
     # the operator's loopback address still works: the deployment's runs were launched through it
     assert (deployment["first"] / "summary.json").exists()
+
+
+def test_a_stopped_launcher_stops_its_run_and_resume_accounts_every_release_once(deployment):
+    """Kill the launcher mid-run (SIGTERM), then resume: rounds in order, every release counted once."""
+    fleet, ca, cache = deployment["fleet"], deployment["certs"] / "ca.crt", deployment["cache"]
+    out = fleet.root / "run3"
+    before = {i: ledger_steps(fleet, f"device{i}") for i in range(3)}
+    cmd = fleet.launch_command(ca, out, *smoke(cache, 3))
+    with open(fleet.root / "launch3.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=flower_free_env(), stdout=log, stderr=subprocess.STDOUT)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 600
+    while not (results.exists() and len(results.read_text().splitlines()) >= 2):  # round 1 published
+        assert proc.poll() is None and time.monotonic() < deadline, (fleet.root / "launch3.log").read_text()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    said = (fleet.root / "launch3.log").read_text()
+    assert "stopped run" in said and "resume=true" in said
+    # resuming while the stopped run still winds down is refused, never a second ServerApp on the folder
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    deadline = time.monotonic() + 120
+    while "finished" not in subprocess.run([str(BIN / "flwr"), "ls", "unheard", "--run-id", run_id, "--format",
+                                            "json"], env=dict(flower_free_env(), FLWR_HOME=str(out / "flwr-home")),
+                                           capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    resumed = fleet.launch(ca, out, *smoke(cache, 3), "resume=true")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    rows = [json.loads(x)["round"] for x in results.read_text().splitlines()]
+    assert rows == [0, 1, 2, 3]
+    for i in range(3):
+        trained = [r for r in DeviceState(fleet.root / "state" / f"device{i}").rounds()]
+        run3 = trained[-3:]
+        assert [r["round"] for r in run3] == [1, 2, 3]  # each round of this run trained, and recorded, once
+        assert ledger_steps(fleet, f"device{i}") == before[i] + 3 * 2  # and spent once: 3 rounds x 2 steps
