@@ -14,7 +14,9 @@ is read and written only through :class:`DeviceState`:
   different releases ever share noise. A round asked again (a resumed server) is answered as
   :meth:`DeviceState.plan` says: trained again from the same ledger with the same index, it gives
   the same bits -- sending them again reveals nothing new, and the round counts once; if the reply
-  would differ, the device declines and its first release stays counted.
+  would differ, the device declines and its first release stays counted. (A request is its round
+  number and global model: another run that asks exactly the last request again -- same seed model,
+  same round -- gets the same bits too, for free.)
 * ``rounds.jsonl`` -- the rounds this device trained in (round, its key, steps, utterances held, seconds):
   for the device's owner, and for a simulation's audit and benchmark. Never sent.
 * ``status.json`` -- why the device last declined, for its owner.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -36,12 +36,13 @@ class Replies:
 
 def exchange(
     grid: Grid, nodes: list[int], message_type: str, arrays: ArrayRecord, server_round: int,
-    timeout: float, config: dict[str, Any],
+    timeout: float, config: dict[str, Any], name: Callable[[int], int] = lambda node: node,
 ) -> Replies:
     """Send the global ``arrays`` and ``config`` to ``nodes`` and wait for replies (up to ``timeout`` s).
 
     Replies come back in the order of ``nodes`` whatever order they arrived in, so what is computed
-    from them (sums of floats) does not depend on timing.
+    from them (sums of floats) does not depend on timing. A node that errs or stays silent counts
+    once, in ``failed``; logs name devices by ``name`` (their stable key, once known).
     """
     content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round, **config})})
     messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
@@ -49,17 +50,21 @@ def exchange(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("device %s failed in round %d: %s", node, server_round, reply.error.reason)
+            log.warning("device %s failed in round %d: %s", name(node), server_round, reply.error.reason)
             out.failed.append(node)
         elif P.METRICS not in reply.content:
-            log.warning("device %s sent a malformed reply in round %d", node, server_round)
+            log.warning("device %s sent a malformed reply in round %d", name(node), server_round)
             out.failed.append(node)
         else:
             out.ok.append(reply)
     order = {n: i for i, n in enumerate(nodes)}
     out.ok.sort(key=lambda m: order.get(m.metadata.src_node_id, len(order)))
     answered = {m.metadata.src_node_id for m in out.ok} | set(out.failed)
-    out.failed += [n for n in nodes if n not in answered]
+    silent = [n for n in nodes if n not in answered]
+    if silent:
+        log.warning("round %d: %d device(s) did not reply within %g s (offline or too slow): %s", server_round,
+                    len(silent), timeout, [name(n) for n in silent[:10]])
+    out.failed += silent
     return out
 
 
@@ -106,9 +111,9 @@ def example_weight(metrics: Mapping[str, Any]) -> float:
 
 
 def train(grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, timeout: float,
-          config: dict[str, Any]) -> Replies:
+          config: dict[str, Any], name: Callable[[int], int] = lambda node: node) -> Replies:
     """A training round; a reply without arrays is a device declining (its budget is spent)."""
-    return exchange(grid, nodes, MessageType.TRAIN, arrays, server_round, timeout, config)
+    return exchange(grid, nodes, MessageType.TRAIN, arrays, server_round, timeout, config, name)
 
 
 def pooled_error_rates(replies: Replies) -> tuple[float | None, float | None]:

@@ -172,7 +172,8 @@ def _plain_round(
     """Devices reply with their updates in clear; each is checked, then FedAvg'd or averaged privately.
 
     Returns the new model, the outcome and the keys of the devices that validly declined."""
-    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, mech.device_config())
+    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, mech.device_config(),
+                           devices.key_of)
     reference = arrays.to_torch_state_dict()
     outcome = RoundOutcome(failures=len(replies.failed))
     updates: list[dict[str, torch.Tensor]] = []
