@@ -91,7 +91,7 @@ def private_run(tmp_path_factory, sim_cache) -> Path:
     return simulate(
         tmp_path_factory.mktemp("both"), sim_cache, "privacy=both", "federation.rounds=3",
         "federation.drop_after_training=1.0", "privacy.sample.noise_multiplier=3.0",
-        "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=1.5",
+        "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=2.5",
     ) / "run"
 
 

@@ -47,9 +47,9 @@ def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
     private = run / "private"
-    assert sorted(p.name for p in private.iterdir()) == ["server-secret", "server-state.pt"]
+    assert {p.name for p in private.iterdir()} == {"server-secret", "server-state.pt", "server.lock"}
     assert private.stat().st_mode & 0o777 == 0o700
-    assert all(p.stat().st_mode & 0o777 == 0o600 for p in private.iterdir())
+    assert all((private / name).stat().st_mode & 0o777 == 0o600 for name in ("server-secret", "server-state.pt"))
     out = (smoke_run / "stdout.txt").read_text()
     assert "seed (public only)" in out and "epsilon" in out
     summary = json.loads((run / "summary.json").read_text())

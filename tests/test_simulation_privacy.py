@@ -16,7 +16,7 @@ def test_budget_stops_the_run_before_the_round_that_would_exceed_it(private_run)
                                    user["sampling"], user["accountant"])
     done = summary["rounds"]
     assert summary["stopped_early"] and f"round {done + 1}" in summary["stopped_early"]
-    assert user_level_epsilon(spec(done)) <= 1.5 < user_level_epsilon(spec(done + 1))
+    assert user_level_epsilon(spec(done)) <= 2.5 < user_level_epsilon(spec(done + 1))
     assert user["epsilon"] == pytest.approx(user_level_epsilon(spec(done)), rel=1e-9)
     assert user["rounds"] == done >= 1
 
