@@ -163,7 +163,7 @@ def _view(out_dir: Path, rounds: int, run_id: str) -> Table:
     last = rows[-1] if rows else {}
     done = max(0, last.get("round", 0))
     table = Table(title=f"unheard run {run_id}", show_header=False, box=None)
-    table.add_row("rounds", f"[{'#' * done}{'.' * max(0, rounds - done)}] {done}/{rounds}")
+    table.add_row("rounds", f"{'█' * done}{'░' * max(0, rounds - done)} {done}/{rounds}")
     phase = progress.get("phase", "starting")
     if phase == "waiting for devices":
         phase += f": {progress.get('connected', 0)} of {progress.get('wanted', '?')} connected"
