@@ -18,7 +18,7 @@ SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "local_run", "central_
 
 def pytest_collection_modifyitems(config, items):
     """Mark every end-to-end test (one that needs a simulation or a deployment) as ``slow``:
-    ``make test-fast`` (``pytest -m "not slow"``) runs the rest in about two minutes."""
+    ``make test-fast`` (``pytest -m "not slow"``) runs the rest in about three minutes."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
