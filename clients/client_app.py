@@ -33,9 +33,10 @@ from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacy
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
+from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import TRAINING
 from fl.privacy.sample import SampleLevel
-from fl.privacy.user import UserRound, model_delta
+from fl.privacy.user import UserRound
 from fl.train import evaluate, freeze_except, plain_round
 
 log = logging.getLogger(__name__)

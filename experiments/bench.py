@@ -97,8 +97,9 @@ def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[st
 def secret_overhead(repeats: int) -> dict[str, float]:
     """A device's release with a secret from the OS against one derived from the seed (alternated)."""
     from fl.data.features import Example
+    from fl.privacy.gaussian import model_delta
     from fl.privacy.randomness import Secret
-    from fl.privacy.user import UserRound, model_delta
+    from fl.privacy.user import UserRound
 
     cfg, tok = ModelConfig(), CharTokenizer()
     batch = _batch(cfg, 32, 4.0, chars=60)

@@ -24,28 +24,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
-from fl import protocol as P
 from fl.config import Config, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
-from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL, Secret
+from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL
 from fl.privacy.sample import SampleLevel
-from fl.privacy.secagg import clipping_range_for
-from fl.privacy.user import UserLevel, update_norm
+from fl.privacy.user import UserLevel
 from fl.train import evaluate as evaluate_model
-from fl.train import max_update_norm
 from server import checkpoint, rounds
-from server.aggregate import fedavg
-from server.devices import Devices, identify
+from server.aggregate import Mechanisms, RoundOutcome, plain_round, secure_round
+from server.devices import identify
 from server.ledger import ParticipationLedger
 from server.results import ResultsWriter, RoundRow
-from server.rounds import Rejected, check_update, example_weight
 from server.sampling import participation_rate, sample_cohort
-from server.secure_round import secure_sum
 
 log = logging.getLogger(__name__)
 
@@ -116,146 +111,6 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path) -> list[
         if len(nodes) >= wanted or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
-
-
-def _apply(arrays: ArrayRecord, update: dict[str, torch.Tensor]) -> ArrayRecord:
-    state = arrays.to_torch_state_dict()
-    return ArrayRecord({k: v + update[k].to(v.dtype) if k in update else v for k, v in state.items()})
-
-
-@dataclass
-class RoundOutcome:
-    """How one training round went: updates aggregated, devices that declined, failed, or were rejected."""
-
-    updates: int = 0
-    declined: int = 0
-    failures: int = 0
-    rejected: int = 0
-    train_loss: Optional[float] = None
-
-
-@dataclass
-class Mechanisms:
-    """The run's privacy mechanisms (None = that level is off) and the server's secret."""
-
-    sample: Optional[SampleLevel]
-    user: Optional[UserLevel]
-    secret: Secret
-
-    def device_config(self) -> dict[str, Any]:
-        """The exact parameters devices must use this round (they echo them back)."""
-        out: dict[str, Any] = {}
-        if self.sample:
-            out |= self.sample.to_config()
-        if self.user:
-            out |= self.user.round().to_config()
-        return out
-
-    def check_echo(self, metrics: Any) -> None:
-        try:
-            if self.sample:
-                self.sample.check_echo(metrics)
-            if self.user:
-                self.user.round().check_echo(metrics)
-        except ValueError as err:
-            raise Rejected(str(err)) from None
-
-
-def _is_declined(m: Message) -> bool:
-    return P.ARRAYS not in m.content and bool(m.content[P.METRICS].get(P.DECLINED))
-
-
-def _plain_round(
-    grid: Grid, s: ServerSettings, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord,
-    r: int,
-) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
-    """Devices reply with their updates in clear; each is checked, then FedAvg'd or averaged privately.
-
-    Returns the new model, the outcome and the keys of the devices that validly declined."""
-    replies = rounds.train(grid, devices.nodes(cohort), arrays, r, s.round_timeout, mech.device_config(),
-                           devices.key_of)
-    reference = arrays.to_torch_state_dict()
-    outcome = RoundOutcome(failures=len(replies.failed))
-    updates: list[dict[str, torch.Tensor]] = []
-    weights, bits, losses, declined = [], [], [], []
-    bound = max_update_norm(s.train, reference)
-    for m in replies.ok:
-        key = devices.key_of(m.metadata.src_node_id)
-        if _is_declined(m):
-            declined.append(key)
-            continue
-        try:
-            if P.ARRAYS not in m.content:
-                raise Rejected("a reply with neither an update nor a declined flag")
-            metrics = m.content[P.METRICS]
-            mech.check_echo(metrics)
-            update = check_update(m.content[P.ARRAYS], reference)
-            if mech.user:
-                try:
-                    update = mech.user.check_update(update)
-                except ValueError as err:
-                    raise Rejected(str(err)) from None
-                if mech.user.adaptive:
-                    bit = metrics.get(P.CLIP_BIT)
-                    if bit not in (0, 0.0, 1, 1.0):
-                        raise Rejected(f"clip bit {bit!r} is not 0 or 1")
-                    bits.append(float(bit))  # type: ignore[arg-type]
-            elif update_norm(update) > bound:
-                raise Rejected(f"update norm {update_norm(update):.4g} is above {bound:.4g}, the most "
-                               f"{s.train.local_steps} AdamW steps at lr {s.train.lr} can move the weights")
-            weight = example_weight(metrics) if not s.private else 1.0
-        except Exception as err:  # noqa: BLE001 -- the trust boundary: whatever a reply holds, it never crashes a round
-            log.warning("round %d: dropped the reply of device %s: %s", r, key, err)
-            outcome.rejected += 1
-            continue
-        updates.append(update)
-        weights.append(weight)
-        if not s.private and isinstance(metrics.get(P.TRAIN_LOSS), float):
-            losses.append(float(metrics[P.TRAIN_LOSS]))  # type: ignore[arg-type]
-    outcome.updates, outcome.declined = len(updates), len(declined)
-    outcome.train_loss = sum(losses) / len(losses) if losses else None
-    if mech.user:
-        arrays = _apply(arrays, mech.user.aggregate(updates, reference, bits, mech.secret, r))
-    elif updates:
-        records = [ArrayRecord(u) for u in updates]
-        arrays = _apply(arrays, fedavg(records, weights).to_torch_state_dict())
-    else:
-        log.warning("round %d: no usable update; the global model is unchanged", r)
-    return arrays, outcome, declined
-
-
-def _secure_round(
-    grid: Grid, s: ServerSettings, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord,
-    r: int,
-) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
-    """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is checked and averaged.
-
-    A sum that is not finite, exceeds the norm of honest updates, or comes with a wrong echo of the
-    parameters releases nothing (the model is unchanged) and the round is still accounted."""
-    user = mech.user
-    assert user is not None
-    reference = arrays.to_torch_state_dict()
-    numel = sum(v.numel() for v in reference.values() if v.is_floating_point())
-    this = user.round()
-    result = secure_sum(grid, devices.nodes(cohort), arrays, r, mech.device_config(), s.round_timeout,
-                        clipping_range=clipping_range_for(this.clip_norm, this.device_std, numel, max(1, len(cohort))),
-                        min_contributors=user.cfg.secure_threshold)
-    declined = [devices.key_of(n) for n, m in result.metrics.items() if m.get(P.DECLINED)]
-    outcome = RoundOutcome(updates=len(result.contributed) - len(declined), declined=len(declined),
-                           failures=len(result.failed))
-    total = result.total
-    try:
-        for metrics in result.metrics.values():
-            mech.check_echo(metrics)
-        if total is not None:
-            user.check_total(total, len(result.contributed), result.step)
-    except ValueError as err:
-        log.warning("round %d: the secure sum releases nothing: %s", r, err)
-        outcome.rejected, outcome.updates, total = outcome.updates, 0, None
-    if total is None:
-        user.record_round()  # the devices' noised shares were decoded or lost: account the round anyway
-        return arrays, outcome, declined
-    return _apply(arrays, user.aggregate([total], reference, [], mech.secret, r)), outcome, declined
 
 
 def _evaluated(keys: list[int], cap: int, seed: int, r: int) -> list[int]:
@@ -379,8 +234,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, mech.secret.random(COHORT, r))
             _progress(out, phase="training", round=r, rounds=s.rounds, connected=len(grid.get_node_ids()),
                       cohort=len(cohort))
-            run_round = _secure_round if user and user.secure else _plain_round
-            arrays, outcome, declined = run_round(grid, s, mech, devices, cohort, arrays, r)
+            run_round = secure_round if user and user.secure else plain_round
+            arrays, outcome, declined = run_round(grid, mech, devices, cohort, arrays, r, s.round_timeout, s.train)
             ledger.charge(k for k in cohort if k not in set(declined))
             commit(r, writer.rows)  # before the new model goes anywhere
             trained = time.perf_counter()

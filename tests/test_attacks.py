@@ -29,10 +29,11 @@ from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC
 from fl.privacy.accounting import UserLevelSpec, composed_epsilon
+from fl.privacy.gaussian import gaussian_noise_like, update_norm
 from fl.privacy.randomness import DP_SGD_NOISE, SERVER_NOISE, USER_NOISE, Secret
 from fl.privacy.sample import SampleLevel
-from fl.privacy.user import UserLevel, UserRound, gaussian_noise_like, update_norm
-from server import server_app
+from fl.privacy.user import UserLevel, UserRound
+from server import aggregate
 from server.secure_round import SecureSum
 from server.server_app import ServerSettings, run_server
 from tests.conftest import TINY, fake_examples
@@ -361,7 +362,7 @@ def test_a_corrupted_secure_sum_releases_nothing_and_is_still_accounted(tmp_path
         echo = UserRound.from_message(config).echo()
         return SecureSum(total, list(nodes), [], {n: dict(echo) for n in nodes}, step=1e-9)
 
-    monkeypatch.setattr(server_app, "secure_sum", corrupted)
+    monkeypatch.setattr(aggregate, "secure_sum", corrupted)
     rows = run_server(FakeGrid(handlers), s)
     assert [(r.clients, r.rejected) for r in rows[1:]] == [(0, 3), (0, 3)]
     start = torch.load(s.initial_weights, weights_only=False)["state_dict"]

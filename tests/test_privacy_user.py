@@ -7,9 +7,8 @@ import random
 import pytest
 import torch
 
-from fl.privacy.user import (
+from fl.privacy.gaussian import (
     AdaptiveClipNorm,
-    UserRound,
     clip_update,
     gaussian_noise_like,
     layer_clip_norms,
@@ -17,6 +16,7 @@ from fl.privacy.user import (
     per_layer_clip,
     update_norm,
 )
+from fl.privacy.user import UserRound
 
 SHAPES = {"enc.weight": (17, 9), "enc.bias": (17,), "head.weight": (5, 3, 4), "scale": ()}
 

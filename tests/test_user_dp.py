@@ -10,8 +10,9 @@ import torch
 
 from fl.config import UserPrivacyConfig
 from fl.privacy.accounting import RDP_ORDERS, UserLevelSpec, composed_epsilon, user_level_epsilon
+from fl.privacy.gaussian import model_delta, noise_norm_bound, update_norm
 from fl.privacy.randomness import Secret
-from fl.privacy.user import UserLevel, UserRound, default_delta, model_delta, noise_norm_bound, update_norm
+from fl.privacy.user import UserLevel, UserRound, default_delta
 from server.sampling import sample_cohort
 
 REF = {"w": torch.zeros(50, 40), "b": torch.zeros(40)}
