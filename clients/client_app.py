@@ -31,13 +31,12 @@ from clients.state import DeviceState, Release, reply_digest, round_key
 from fl import protocol as P
 from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import Recognizer, build_recognizer
 from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import TRAINING
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserRound
-from fl.train import evaluate, freeze_except, plain_round
+from fl.train import evaluate, plain_round
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +80,8 @@ class DeviceSettings:
         return DeviceState(store.state(context), (self.seed, key) if self.reproducible else None)
 
 
-def _model(settings: DeviceSettings, msg: Message, tokenizer: CharTokenizer) -> ConformerCTC:
-    model = ConformerCTC(settings.model, tokenizer.vocab_size)
-    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
-    return model
+def _model(recognizer: Recognizer, msg: Message) -> torch.nn.Module:
+    return recognizer.module_from(msg.content[P.ARRAYS].to_torch_state_dict())
 
 
 def _declined(msg: Message) -> Message:
@@ -92,7 +89,7 @@ def _declined(msg: Message) -> Message:
 
 
 def _train(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore,
-           tokenizer: CharTokenizer) -> Message:
+           recognizer: Recognizer) -> Message:
     started = time.perf_counter()
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])  # type: ignore[arg-type]
@@ -106,10 +103,10 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     user = UserRound.from_message(config, settings.user.secure_mode) if settings.user else None
     settings.faults.before_training(context, settings.seed, server_round)
     with state.locked():
-        return _release(settings, msg, context, store, tokenizer, state, device, sample, user, started)
+        return _release(settings, msg, context, store, recognizer, state, device, sample, user, started)
 
 
-def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, tokenizer: CharTokenizer,
+def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, recognizer: Recognizer,
              state: DeviceState, device: DeviceData, sample: Optional[SampleLevel], user: Optional[UserRound],
              started: float) -> Message:
     """Plan, train, privatise and commit one release under the state folder's lock (see ``_train``)."""
@@ -118,9 +115,8 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     plan = state.plan(this_round)
     secret = state.secret()
     torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))  # dropout etc.
-    model = _model(settings, msg, tokenizer)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    freeze_except(model, settings.train.trainable)
+    model = _model(recognizer, msg)
+    base = {k: v.clone() for k, v in recognizer.shared(model).items()}
     metrics: dict[str, float | int] = {}
     account, before = None, None
     if sample is not None:
@@ -136,15 +132,14 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
                         store.key(context), server_round, spent, after, budget)
             state.declined(server_round, "privacy budget spent", epsilon=spent, delta=sample.delta, max_epsilon=budget)
             return _declined(msg)
-        sample.train(model, device.train, settings.train, account, tokenizer.blank, settings.model.n_mels,
-                     secret, plan.index)
+        sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index)
         metrics |= sample.echo()
     elif device.train:
         seed = int.from_bytes(secret.stream_key(TRAINING, "batches", plan.index)[:8], "big")
-        loss = plain_round(model, device.train, settings.train, tokenizer.blank, settings.model.n_mels, seed)
+        loss = plain_round(model, recognizer, device.train, settings.train, seed)
         if not settings.private:  # counts and losses are covered by no guarantee: sent only without DP
             metrics |= {P.NUM_EXAMPLES: len(device.train), P.TRAIN_LOSS: loss}
-    update = model_delta(model.state_dict(), base)
+    update = model_delta(recognizer.shared(model), base)
     if user is not None:
         update, bit = user.privatize(update, secret, plan.index)
         metrics |= user.echo()
@@ -163,13 +158,15 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: record}), reply_to=msg)
 
 
-def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Optional[str] = None) -> ClientApp:
+def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Optional[str] = None,
+                    recognizer: Optional[Recognizer] = None) -> ClientApp:
     """Build the ClientApp for devices whose recordings and state ``store`` locates.
 
-    ``audit_dir``: if set, the outbound guard logs the shape of every reply there.
+    ``audit_dir``: if set, the outbound guard logs the shape of every reply there. ``recognizer``:
+    the one the store featurises with (built from ``settings`` if not given).
     """
-    tokenizer = CharTokenizer()
-    reference = ConformerCTC(settings.model, tokenizer.vocab_size).state_dict()
+    recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable)
+    reference = recognizer.shared(recognizer.new_module())
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     allowed = allowed_metrics(settings.sample is not None, settings.user is not None)
     guard = outbound_guard(shapes, allowed, audit_dir)
@@ -184,7 +181,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     @app.train(mods=train_mods)
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(settings.threads)
-        return _train(settings, msg, context, store, tokenizer)
+        return _train(settings, msg, context, store, recognizer)
 
     @app.query(mods=evaluate_mods)
     def query(msg: Message, context: Context) -> Message:
@@ -201,7 +198,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
         metrics: dict[str, float | int] = {P.NUM_EXAMPLES: 0, P.WER: 0.0, P.CER: 0.0, P.LOSS: 0.0, P.WORDS: 0,
                                            P.CHARS: 0}  # no test recordings: counts nothing
         if device.test:
-            result = evaluate(_model(settings, msg, tokenizer), device.test, tokenizer, settings.model.n_mels)
+            result = evaluate(recognizer, _model(recognizer, msg), device.test)
             metrics = {
                 P.NUM_EXAMPLES: result.utterances, P.WER: result.wer, P.CER: result.cer, P.LOSS: result.loss,
                 P.WORDS: sum(len(e.text.split()) for e in device.test),

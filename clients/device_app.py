@@ -19,6 +19,7 @@ from clients.client_app import DeviceSettings, make_client_app
 from clients.local import LocalDevice
 from fl import runconfig
 from fl.deploy.flower import console_logging
+from fl.model import build_recognizer
 
 MAX_EPSILON = "max-epsilon"
 AUDIT_DIR = "audit-dir"
@@ -36,8 +37,9 @@ def _app_for(config_json: str, max_epsilon: Optional[float], audit_dir: Optional
         sample = replace(sample, max_epsilon=own)
     fed = cfg.federation
     settings = DeviceSettings(cfg.model, cfg.train, sample, cfg.privacy.user, cfg.seed, fed.threads_per_client)
-    store = LocalDevice(cfg.model.n_mels, cfg.data.test_fraction, cfg.data.max_seconds, cfg.seed)
-    return make_client_app(settings, store, audit_dir)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    store = LocalDevice(recognizer, cfg.data.test_fraction, cfg.data.max_seconds, cfg.seed)
+    return make_client_app(settings, store, audit_dir, recognizer)
 
 
 class DeployedClientApp(ClientApp):

@@ -25,7 +25,7 @@ from fl.data.features import featurize
 from fl.data.fleet import DeviceData
 from fl.data.partition import split_device
 from fl.data.readers import read_corpus
-from fl.data.text import CharTokenizer
+from fl.model import Recognizer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ def corpus_kind(data_dir: Path) -> str:
 
 
 @lru_cache(maxsize=4)
-def load_local_device(data_dir: str, state_dir: str, n_mels: int, test_fraction: float, max_seconds: float,
-                      seed: int) -> DeviceData:
+def load_local_device(data_dir: str, state_dir: str, recognizer: Recognizer, test_fraction: float,
+                      max_seconds: float, seed: int) -> DeviceData:
     """Read, featurise (cached in the state folder) and split this device's recordings."""
     data, state = Path(data_dir), Path(state_dir)
     read = read_corpus(corpus_kind(data), data)
-    feats = featurize(read.utterances, CharTokenizer(), n_mels, state / "features", max_seconds)
+    feats = featurize(read.utterances, recognizer, state / "features", max_seconds)
     problems = read.problems + feats.problems
     state.mkdir(parents=True, exist_ok=True)
     (state / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in problems))
@@ -64,13 +64,13 @@ def load_local_device(data_dir: str, state_dir: str, n_mels: int, test_fraction:
 class LocalDevice:
     """The :class:`~clients.client_app.DeviceStore` of a deployed SuperNode (paths from its node config)."""
 
-    n_mels: int
+    recognizer: Recognizer
     test_fraction: float
     max_seconds: float
     seed: int
 
     def data(self, context: Context) -> DeviceData:
-        return load_local_device(str(context.node_config[DATA_DIR]), str(self.state(context)), self.n_mels,
+        return load_local_device(str(context.node_config[DATA_DIR]), str(self.state(context)), self.recognizer,
                                  self.test_fraction, self.max_seconds, self.seed)
 
     def state(self, context: Context) -> Path:

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,21 +38,33 @@ import torch
 from clients.state import DeviceState
 from fl.config import ModelConfig, TrainConfig
 from fl.data.features import Batch
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import Recognizer, build_recognizer
 from fl.privacy.sample import SampleAccount, SampleLevel, private_step
-from fl.train import ctc_losses
 from server.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _batch(cfg: ModelConfig, size: int, seconds: float, chars: int) -> Batch:
+def _batch(feature_shape: tuple[int, ...], vocab: int, size: int, seconds: float, tokens: int) -> Batch:
+    """A random batch of ``size`` examples with features of ``feature_shape`` and ``tokens`` targets."""
     g = torch.Generator().manual_seed(0)
-    frames = int(seconds * 100)
-    tokens = torch.randint(1, CharTokenizer().vocab_size, (size, chars), generator=g)
-    return Batch(torch.randn(size, frames, cfg.n_mels, generator=g), torch.full((size,), frames),
-                 tokens, torch.full((size,), chars))
+    targets = torch.randint(1, vocab, (size, tokens), generator=g)
+    return Batch(torch.randn(size, *feature_shape, generator=g), torch.full((size,), feature_shape[0]),
+                 targets, torch.full((size,), tokens), torch.full((size,), seconds))
+
+
+def conformer_batch(cfg: ModelConfig, size: int, seconds: float) -> Batch:
+    """Log-mel frames of ``seconds`` and 60 characters an utterance."""
+    return _batch((int(seconds * 100), cfg.n_mels), 29, size, seconds, 60)
+
+
+def whisper_batch(recognizer: Recognizer, size: int, seconds: float = 4.0, tokens: int = 16) -> Batch:
+    """Cached encoder states (or log-mel) of the recognizer's input window, ``tokens`` tokens each."""
+    cfg = recognizer.config  # type: ignore[attr-defined]
+    window = int(recognizer.max_seconds)
+    shape = (window * 50, cfg.d_model) if recognizer.cached_encoder else (window * 100, cfg.num_mel_bins)  # type: ignore
+    batch = _batch(shape, recognizer.eot, size, seconds, tokens)  # type: ignore[attr-defined]
+    return replace(batch, targets=torch.cat([batch.targets[:, :-1], torch.full((size, 1), recognizer.eot)], 1))  # type: ignore
 
 
 def _time(step: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -63,35 +76,62 @@ def _time(step: Callable[[], object], warmup: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _step_seconds(cfg: ModelConfig, repeats: int, batch_size: int, seconds: float) -> tuple[float, float]:
-    blank = CharTokenizer().blank
-    batch = _batch(cfg, batch_size, seconds, chars=60)
+def step_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[float, float]:
+    """Seconds per non-private AdamW step and per DP-SGD step (the production one) on ``batch``."""
     torch.manual_seed(0)
-    model = ConformerCTC(cfg, CharTokenizer().vocab_size)
-    plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = recognizer.new_module().train()
+    plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def plain() -> None:
         plain_opt.zero_grad(set_to_none=True)
-        ctc_losses(model, batch, blank).mean().backward()
+        recognizer.losses(model, batch).mean().backward()
         plain_opt.step()
 
     torch.manual_seed(0)
     mechanism = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=1)
-    gsm, dp_opt = mechanism.make_private(ConformerCTC(cfg, CharTokenizer().vocab_size),
-                                         TrainConfig(lr=1e-4, batch_size=batch_size), torch.Generator().manual_seed(0))
+    gsm, dp_opt = mechanism.make_private(recognizer.new_module().train(),
+                                         TrainConfig(lr=1e-5, batch_size=batch.feats.shape[0]),
+                                         torch.Generator().manual_seed(0))
     # alternate the two so that a slow spell of the machine hits both alike
     non_dp = dp = 0.0
     for _ in range(2):
         non_dp += _time(plain, 2, repeats) / 2
-        dp += _time(lambda: private_step(gsm, dp_opt, batch, blank), 2, repeats) / 2
+        dp += _time(lambda: private_step(gsm, dp_opt, recognizer, batch), 2, repeats) / 2
     return non_dp, dp
 
 
 def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[str, float]:
-    non_dp, dp = _step_seconds(ModelConfig(), repeats, batch_size, seconds)
-    non_dp0, dp0 = _step_seconds(ModelConfig(dropout=0.0), repeats, batch_size, seconds)
-    return {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp, "dp_step_ratio": dp / non_dp,
-            "dp_step_ratio_no_dropout": dp0 / non_dp0}
+    """The Conformer (``model=conformer``): a batch of 16 utterances of 4 s."""
+    figures = {}
+    for label, cfg in (("", ModelConfig()), ("_no_dropout", ModelConfig(dropout=0.0))):
+        non_dp, dp = step_seconds(build_recognizer(cfg), conformer_batch(cfg, batch_size, seconds), repeats)
+        if not label:
+            figures |= {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp}
+        figures[f"dp_step_ratio{label}"] = dp / non_dp
+    return figures
+
+
+WHISPER_RECIPES = {
+    "decoder_blocks": r"^model\.decoder\.layers\.",
+    "decoder_blocks_and_positions": r"^model\.decoder\.(layers\.|embed_positions)",
+    "decoder_last_block_and_norms": r"^model\.decoder\.(layers\.3\.|layers\.\d+\..*layer_norm)",
+    "decoder_attention": r"^model\.decoder\.layers\.\d+\.(self_attn|encoder_attn)\.",
+}
+"""Trainable selections compared for the Whisper recipe (the preset is ``decoder_blocks``)."""
+
+
+def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
+    """Whisper tiny.en with cached encoder outputs (10 s window), a batch of 8 utterances of 16
+    tokens, for each selection of :data:`WHISPER_RECIPES`; ``whisper_dp_step_ratio`` is the preset's."""
+    figures: dict[str, float] = {}
+    for name, trainable in WHISPER_RECIPES.items():
+        recognizer = build_recognizer(ModelConfig(kind="whisper"), trainable)
+        values = recognizer.select_trainable(recognizer.new_module())
+        non_dp, dp = step_seconds(recognizer, whisper_batch(recognizer, batch_size), repeats)
+        figures |= {f"whisper_{name}_values": values, f"whisper_{name}_non_dp_seconds": non_dp,
+                    f"whisper_{name}_dp_seconds": dp, f"whisper_{name}_dp_step_ratio": dp / non_dp}
+    figures["whisper_dp_step_ratio"] = figures["whisper_decoder_blocks_dp_step_ratio"]
+    return figures
 
 
 def secret_overhead(repeats: int) -> dict[str, float]:
@@ -101,20 +141,21 @@ def secret_overhead(repeats: int) -> dict[str, float]:
     from fl.privacy.randomness import Secret
     from fl.privacy.user import UserRound
 
-    cfg, tok = ModelConfig(), CharTokenizer()
-    batch = _batch(cfg, 32, 4.0, chars=60)
+    cfg = ModelConfig()
+    recognizer = build_recognizer(cfg)
+    batch = conformer_batch(cfg, 32, 4.0)
     examples = [Example(f"u{i}", "s", batch.feats[i, : int(batch.feat_lens[i])].half(),
-                        batch.targets[i, : int(batch.target_lens[i])], "x") for i in range(32)]
+                        batch.targets[i, : int(batch.target_lens[i])], "x", 4.0) for i in range(32)]
     mechanism = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=2)
     share = UserRound(noise_multiplier=1.0, clip_norm=1.0, noise_cohort=1)
     train = TrainConfig(local_steps=2, batch_size=8, lr=1e-4)
 
     def release(secret: Secret) -> None:
         torch.manual_seed(0)
-        model = ConformerCTC(cfg, tok.vocab_size)
-        base = {k: v.clone() for k, v in model.state_dict().items()}
-        mechanism.train(model, examples, train, SampleAccount(), tok.blank, cfg.n_mels, secret, 0)
-        share.privatize(model_delta(model.state_dict(), base), secret, 0)
+        model = recognizer.new_module()
+        base = {k: v.clone() for k, v in recognizer.shared(model).items()}
+        mechanism.train(model, recognizer, examples, train, SampleAccount(), secret, 0)
+        share.privatize(model_delta(recognizer.shared(model), base), secret, 0)
 
     secret, seeded = Secret.generate(), Secret.from_seed(0, "device:0")
     release(seeded)  # warm-up: first-call costs (hooks, allocations) are neither's

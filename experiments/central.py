@@ -16,12 +16,12 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from experiments.inputs import Inputs, build_inputs, run_audit
 from experiments.simulate import CONF_DIR, run_checked
 from fl.config import Config, register_configs
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import Recognizer, build_recognizer
 from fl.train import evaluate, plain_round
 from server.results import write_summary
 
@@ -37,32 +37,32 @@ def central_steps(cfg: Config) -> int:
     return fed.rounds * fed.clients_per_round * cfg.train.local_steps
 
 
-def _scores(model: ConformerCTC, inputs: Inputs, tokenizer: CharTokenizer, n_mels: int) -> dict[str, float]:
-    held = evaluate(model, inputs.data.held_out, tokenizer, n_mels)
-    dev = evaluate(model, [e for d in inputs.devices.values() for e in d.test], tokenizer, n_mels)
-    return {"wer": held.wer, "cer": held.cer, "loss": held.loss, "device_wer": dev.wer, "device_cer": dev.cer}
+def _scores(recognizer: Recognizer, model: nn.Module, inputs: Inputs) -> dict[str, float]:
+    held = evaluate(recognizer, model, inputs.data.held_out)
+    dev = evaluate(recognizer, model, [e for d in inputs.devices.values() for e in d.test])
+    return {"wer": held.wer, "cer": held.cer, "raw_wer": held.raw_wer, "loss": held.loss, "loops_cut": held.loops_cut,
+            "device_wer": dev.wer, "device_cer": dev.cer, "device_raw_wer": dev.raw_wer}
 
 
 def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     """Fine-tune the seed on the pooled device data; returns the summary it wrote to ``out_dir``."""
     started = time.perf_counter()
     inputs = build_inputs(cfg, out_dir)
-    tokenizer = CharTokenizer()
-    model = ConformerCTC(cfg.model, tokenizer.vocab_size)
-    model.load_state_dict(inputs.seed.state_dict)
-    seed_scores = _scores(model, inputs, tokenizer, cfg.model.n_mels)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    model = recognizer.module_from(inputs.seed.state_dict)
+    seed_scores = _scores(recognizer, model, inputs)
     steps = central_steps(cfg)
     pooled = [e for d in inputs.devices.values() for e in d.train]
     log.info("central fine-tune: %d steps on %d pooled utterances", steps, len(pooled))
     torch.manual_seed(cfg.seed)
-    plain_round(model, pooled, replace(cfg.train, local_steps=steps), tokenizer.blank, cfg.model.n_mels, cfg.seed)
+    plain_round(model, recognizer, pooled, replace(cfg.train, local_steps=steps), cfg.seed)
     summary = {
         "kind": "central", "config": resolved, "seed_model": seed_scores,
-        "final": _scores(model, inputs, tokenizer, cfg.model.n_mels), "rounds": 0, "steps": steps,
+        "final": _scores(recognizer, model, inputs), "rounds": 0, "steps": steps,
         "stopped_early": None, "seconds": time.perf_counter() - started, "privacy": {"sample": None, "user": None},
     }
     write_summary(out_dir, summary)
-    summary["audit"] = run_audit(cfg, inputs, model.state_dict(), set(inputs.devices), out_dir)
+    summary["audit"] = run_audit(cfg, inputs, recognizer.shared(model), set(inputs.devices), out_dir)
     return summary
 
 

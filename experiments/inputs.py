@@ -20,8 +20,7 @@ from fl.audit.report import canary_audit, membership_audit
 from fl.config import Config
 from fl.data.fleet import DeviceData
 from fl.data.prepare import PreparedData, prepare_data
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import build_recognizer
 from fl.pretrain import SeedModel, pretrain_seed
 
 log = logging.getLogger(__name__)
@@ -40,16 +39,16 @@ class Inputs:
 def build_inputs(cfg: Config, out_dir: Path) -> Inputs:
     """Prepare data (writing ``problems.jsonl`` to ``out_dir``), pretrain or load the seed, plant canaries."""
     torch.manual_seed(cfg.seed)
-    tokenizer = CharTokenizer()
-    data = prepare_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    data = prepare_data(cfg.data, recognizer, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in data.problems))
-    seed = pretrain_seed(cfg.model, cfg.pretrain, data.public_train, data.public_dev, tokenizer,
+    seed = pretrain_seed(recognizer, cfg.model, cfg.pretrain, data.public_train, data.public_dev,
                          Path(cfg.data.cache_dir) / "models", cfg.seed)
     devices, canaries, holders = data.devices, None, {}
     if cfg.audit.canaries:
         canaries = make_canaries(cfg.audit.canaries, cfg.audit.canary_references, cfg.audit.canary_words,
-                                 tokenizer, cfg.model.n_mels, cfg.seed)
+                                 recognizer, cfg.seed)
         devices, holders = plant(data.devices, canaries.planted, cfg.audit.canary_repeats, cfg.seed)
         log.info("planted %d canaries x %d copies in devices %s", len(holders), cfg.audit.canary_repeats,
                  sorted(holders.values()))
@@ -61,17 +60,14 @@ def run_audit(cfg: Config, inputs: Inputs, weights: dict[str, torch.Tensor], tra
     """Membership inference and canary exposure on the final ``weights``; written to ``audit.json``."""
     if not cfg.audit.membership and not cfg.audit.canaries:
         return None
-    tokenizer = CharTokenizer()
-    model = ConformerCTC(cfg.model, tokenizer.vocab_size)
-    model.load_state_dict(weights)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    model = recognizer.module_from(weights)
     report: dict = {"devices_trained": len(trained), "devices": len(inputs.devices)}
     if cfg.audit.membership:
         copies = {e.id for d in inputs.devices.values() for e in d.train if e.id.startswith(CANARY_PREFIX)}
-        report["membership"] = membership_audit(model, inputs.devices, trained, inputs.data.held_out,
-                                                tokenizer.blank, cfg.model.n_mels, cfg.audit.max_utterances,
-                                                cfg.seed, exclude=copies)
+        report["membership"] = membership_audit(recognizer, model, inputs.devices, trained, inputs.data.held_out,
+                                                cfg.audit.max_utterances, cfg.seed, exclude=copies)
     if inputs.canaries is not None:
-        report["canaries"] = canary_audit(model, inputs.canaries, inputs.canary_holders, trained,
-                                          tokenizer.blank, cfg.model.n_mels)
+        report["canaries"] = canary_audit(recognizer, model, inputs.canaries, inputs.canary_holders, trained)
     (out_dir / AUDIT).write_text(json.dumps(report, indent=1))
     return report

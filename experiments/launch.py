@@ -34,8 +34,8 @@ from experiments.simulate import CONF_DIR, print_summary
 from fl import runconfig
 from fl.config import Config, register_configs, validate
 from fl.data.prepare import DataNotFound, prepare_server_data
-from fl.data.text import CharTokenizer
 from fl.deploy.flower import CONNECTION, flwr, toml_string, write_connection
+from fl.model import build_recognizer
 from fl.pretrain import pretrain_seed
 from server import checkpoint
 from server.results import RESULTS, SUMMARY
@@ -132,9 +132,9 @@ def prepare(cfg: Config, out_dir: Path, resolved: dict) -> tuple[Path, dict[str,
         raise ConnectionError(f"cannot reach the SuperLink's operator address deploy.superlink="
                               f"{cfg.deploy.superlink} (unheard-superlink start --control-port, on its host): "
                               f"{err}") from None
-    tokenizer = CharTokenizer()
-    data = prepare_server_data(cfg.data, tokenizer, cfg.model.n_mels, cfg.seed)
-    seed = pretrain_seed(cfg.model, cfg.pretrain, data.public_train, data.public_dev, tokenizer,
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    data = prepare_server_data(cfg.data, recognizer, cfg.seed)
+    seed = pretrain_seed(recognizer, cfg.model, cfg.pretrain, data.public_train, data.public_dev,
                          Path(cfg.data.cache_dir) / "models", cfg.seed)
     torch.save(data.held_out, out_dir / "eval.pt")
     return home, runconfig.to_run_config(resolved, **{

@@ -31,8 +31,7 @@ from experiments.inputs import Inputs, build_inputs, run_audit
 from fl.config import Config, register_configs, validate
 from fl.data.fleet import load_device, write_fleet
 from fl.data.prepare import DataNotFound, check_paths
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import build_recognizer
 from fl.train import evaluate
 from server import checkpoint
 from server.results import SUMMARY, write_summary
@@ -99,15 +98,15 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
 def simulation_eval(cfg: Config, fleet: str, devices: int, seed: dict, final: dict) -> dict:
     """The seed and final models on every simulated device's local test split, pooled: the
     experimenter's view, which only a simulation has (no device sends test metrics under privacy)."""
-    tokenizer = CharTokenizer()
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
     tests = [e for pid in range(devices) for e in load_device(fleet, pid).test]
     out: dict = {"observer": "experimenter (simulation only: read from the devices' files, never sent)",
                  "utterances": len(tests)}
     for label, weights in (("seed_model", seed), ("final", final)):
-        model = ConformerCTC(cfg.model, tokenizer.vocab_size)
-        model.load_state_dict(weights)
-        result = evaluate(model, tests, tokenizer, cfg.model.n_mels) if tests else None
-        out[label] = {"device_wer": result.wer if result else None, "device_cer": result.cer if result else None}
+        result = evaluate(recognizer, recognizer.module_from(weights), tests) if tests else None
+        out[label] = {"device_wer": result.wer if result else None, "device_cer": result.cer if result else None,
+                      "device_raw_wer": result.raw_wer if result else None,
+                      "device_loops_cut": result.loops_cut if result else None}
     return out
 
 

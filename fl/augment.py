@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fl.data.features import Batch
@@ -26,4 +28,4 @@ def spec_augment(batch: Batch, generator: torch.Generator, freq_masks: int = 2, 
     freq = _band_mask(f, torch.full((b,), float(f)), torch.full((b,), float(freq_width)), freq_masks, generator)
     time = _band_mask(t, lens, (lens * time_fraction).floor(), time_masks, generator)
     keep = ~(freq[:, None, :] | time[:, :, None])
-    return Batch(batch.feats * keep, batch.feat_lens, batch.targets, batch.target_lens)
+    return replace(batch, feats=batch.feats * keep)

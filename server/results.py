@@ -16,7 +16,9 @@ SUMMARY = "summary.json"
 class RoundRow:
     """One round. Round 0 is the seed model before any federated training.
 
-    ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side).
+    ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side); the
+    error rates after Whisper's English normaliser, ``raw_wer`` without it (``fl/metrics.py``);
+    ``loops_cut``: hypotheses whose runaway decoding was stopped.
     ``device_wer``/``device_cer``: global model on the devices' own local test splits
     (federated evaluation, pooled over all devices' words/characters; only without privacy,
     else null: test metrics are covered by no guarantee).
@@ -52,6 +54,8 @@ class RoundRow:
     extrapolated: bool
     randomness: str
     seconds: float
+    raw_wer: Optional[float] = None
+    loops_cut: int = 0
 
 
 def _clean(x: Any) -> Any:

@@ -29,8 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
 from fl.config import Config, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model import build_recognizer
 from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserLevel
@@ -139,11 +138,10 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
 def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     out = Path(s.out_dir)
     resumed = checkpoint.resumable(out, s.config) if s.resume else None
-    tokenizer = CharTokenizer()
-    model = ConformerCTC(s.model, tokenizer.vocab_size)
-    model.load_state_dict(torch.load(s.initial_weights, weights_only=False)["state_dict"])
+    recognizer = build_recognizer(s.model, s.train.trainable)
+    model = recognizer.module_from(torch.load(s.initial_weights, weights_only=False)["state_dict"])
     eval_set = torch.load(s.eval_examples, weights_only=False)
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(recognizer.shared(model))
     writer = ResultsWriter(out)
     ledger = ParticipationLedger()
     nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout, out)
@@ -169,8 +167,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
 
     def measure(r: int, started: float, outcome: Optional[RoundOutcome]) -> RoundRow:
         """Evaluate the committed model of round ``r`` (federated evaluation only without privacy)."""
-        model.load_state_dict(arrays.to_torch_state_dict())
-        central = evaluate_model(model, eval_set, tokenizer, s.model.n_mels)
+        recognizer.load_shared(model, arrays.to_torch_state_dict())
+        central = evaluate_model(recognizer, model, eval_set)
         dwer = dcer = None
         if not s.private and (r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0)):
             fed = rounds.evaluate(grid, devices.nodes(_evaluated(devices.keys, s.eval_devices, s.seed, r)), arrays, r,
@@ -184,7 +182,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             epsilon_user=user.epsilon() if user else None, epsilon_user_server=ledger.user_server_epsilon(user),
             delta=sample.delta if sample else (user.delta if user else None),
             delta_user=user.delta if user else None, extrapolated=bool(user and user.extrapolated),
-            randomness=randomness, seconds=time.perf_counter() - started,
+            randomness=randomness, seconds=time.perf_counter() - started, raw_wer=central.raw_wer,
+            loops_cut=central.loops_cut,
         )
 
     def commit(r: int, rows: list[RoundRow]) -> None:

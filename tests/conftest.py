@@ -10,6 +10,7 @@ import torch
 from fl.config import ModelConfig
 from fl.data.features import Example
 from fl.data.text import CharTokenizer
+from fl.model.conformer import ConformerRecognizer
 
 SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "local_run", "central_run", "secure_run", "deployment",
                  "ray_head"}
@@ -32,6 +33,12 @@ def tokenizer() -> CharTokenizer:
     return CharTokenizer()
 
 
+@pytest.fixture
+def conformer() -> ConformerRecognizer:
+    """The Conformer-CTC recognizer with the :data:`TINY` shape (features: 16 log-mel bands)."""
+    return ConformerRecognizer(TINY)
+
+
 def fake_examples(n: int, seed: int = 0, n_mels: int = 16) -> list[Example]:
     """Random-feature examples of varied lengths with real transcripts (for model/optimizer tests)."""
     rng = random.Random(seed)
@@ -43,7 +50,7 @@ def fake_examples(n: int, seed: int = 0, n_mels: int = 16) -> list[Example]:
         frames = rng.randint(40, 90)
         g = torch.Generator().manual_seed(seed * 1000 + i)
         feats = torch.randn(frames, n_mels, generator=g).to(torch.float16)
-        out.append(Example(f"u{i:03d}", f"s{i % 3}", feats, torch.tensor(tok.encode(text)), text))
+        out.append(Example(f"u{i:03d}", f"s{i % 3}", feats, torch.tensor(tok.encode(text)), text, frames / 100))
     return out
 
 

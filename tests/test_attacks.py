@@ -27,7 +27,7 @@ from fl import protocol as P
 from fl.config import SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.accounting import UserLevelSpec, composed_epsilon
 from fl.privacy.gaussian import gaussian_noise_like, update_norm
 from fl.privacy.randomness import DP_SGD_NOISE, SERVER_NOISE, USER_NOISE, Secret
@@ -84,7 +84,7 @@ def _global() -> ArrayRecord:
 
 
 def _reply(settings: DeviceSettings, store: OneDevice, config: dict, server_round: int = 1) -> dict[str, torch.Tensor]:
-    reply = _train(settings, *_message(server_round, _global(), config), store, CharTokenizer())
+    reply = _train(settings, *_message(server_round, _global(), config), store, ConformerRecognizer(TINY))
     return reply.content[P.ARRAYS].to_torch_state_dict()
 
 
@@ -207,7 +207,8 @@ def test_secure_mode_trains_in_every_combination(tmp_path, sample, noise):
     config = (mechanism.to_config() if sample else {}) | (UserRound(1.0, 1.0, cohort).to_config() if noise else {})
     settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4),
                               SamplePrivacyConfig(secure_mode=True) if sample else None, user_cfg, seed=SEED)
-    reply = _train(settings, *_message(1, _global(), config), OneDevice(tmp_path, fake_examples(8)), CharTokenizer())
+    reply = _train(settings, *_message(1, _global(), config), OneDevice(tmp_path, fake_examples(8)),
+                   ConformerRecognizer(TINY))
     assert P.ARRAYS in reply.content
     metrics = dict(reply.content[P.METRICS])
     if sample:

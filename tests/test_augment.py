@@ -6,7 +6,7 @@ from tests.conftest import fake_examples
 
 
 def test_spec_augment_masks_bands_inside_each_utterance_only():
-    batch = collate(fake_examples(6), 16)
+    batch = collate(fake_examples(6))
     out = spec_augment(batch, torch.Generator().manual_seed(0), freq_masks=2, freq_width=4, time_masks=2,
                        time_fraction=0.1)
     zeroed = (out.feats == 0) & (batch.feats != 0)

@@ -18,9 +18,9 @@ def test_exposure_is_log_rank_among_references():
         exposure(1.0, [])
 
 
-def test_canaries_are_distinct_deterministic_phrases(tokenizer):
-    a = make_canaries(2, 5, 3, tokenizer, 16, seed=0)
-    b = make_canaries(2, 5, 3, tokenizer, 16, seed=0)
+def test_canaries_are_distinct_deterministic_phrases(tokenizer, conformer):
+    a = make_canaries(2, 5, 3, conformer, seed=0)
+    b = make_canaries(2, 5, 3, conformer, seed=0)
     texts = [c.text for c in a.planted + a.references]
     assert len(set(texts)) == 7 and all(len(t.split()) == 3 for t in texts)
     assert texts == [c.text for c in b.planted + b.references]
@@ -28,8 +28,8 @@ def test_canaries_are_distinct_deterministic_phrases(tokenizer):
     assert tokenizer.decode(a.planted[0].tokens.tolist()) == a.planted[0].text
 
 
-def test_plant_puts_each_canary_on_its_own_device(tokenizer):
-    canaries = make_canaries(2, 1, 3, tokenizer, 16, seed=0)
+def test_plant_puts_each_canary_on_its_own_device(conformer):
+    canaries = make_canaries(2, 1, 3, conformer, seed=0)
     devices = {f"d{i}": DeviceData(f"d{i}", fake_examples(3, seed=i), fake_examples(1, seed=10 + i)) for i in range(4)}
     fleet, holders = plant(devices, canaries.planted, repeats=3, seed=0)
     assert len(set(holders.values())) == 2

@@ -5,9 +5,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from fl.config import Config, PrivacyConfig, UserPrivacyConfig, validate
+from fl.config import Config, ModelConfig, PrivacyConfig, UserPrivacyConfig, validate
 from fl.data.features import LogMel, collate, featurize
 from fl.data.records import Utterance
+from fl.model.conformer import ConformerRecognizer
 
 
 def _wav(path, seconds=0.5, sr=16000, freq=440.0):
@@ -31,32 +32,35 @@ def test_featurize_skips_bad_items_with_a_reason_and_caches(tmp_path, tokenizer)
         Utterance("c", _wav(tmp_path / "c.wav"), "caf\u00e9 ol\u00e9", "s2"),
         Utterance("d", str(tmp_path / "missing.wav"), "play jazz", "s2"),
     ]
-    out = featurize(utts, tokenizer, 32, tmp_path / "cache")
+    out = featurize(utts, ConformerRecognizer(ModelConfig(n_mels=32)), tmp_path / "cache")
     assert [e.id for e in out.examples] == ["a"]
     assert {p.utterance_id for p in out.problems} == {"b", "c", "d"}
     assert out.examples[0].feats.dtype == torch.float16
     assert tokenizer.decode(out.examples[0].tokens.tolist()) == "turn on the lights"
     (tmp_path / "a.wav").unlink()  # a second call must come from the cache, not the audio
-    again = featurize(utts, tokenizer, 32, tmp_path / "cache")
+    again = featurize(utts, ConformerRecognizer(ModelConfig(n_mels=32)), tmp_path / "cache")
     assert [e.id for e in again.examples] == ["a"] and torch.equal(again.examples[0].feats, out.examples[0].feats)
 
 
 def test_the_cache_is_keyed_by_the_length_limit(tmp_path, tokenizer):
     utts = [Utterance("short", _wav(tmp_path / "s.wav", 0.5), "play jazz", "s1"),
             Utterance("long", _wav(tmp_path / "l.wav", 2.0), "call mom", "s1")]
-    assert len(featurize(utts, tokenizer, 32, tmp_path / "cache", max_seconds=30).examples) == 2
-    limited = featurize(utts, tokenizer, 32, tmp_path / "cache", max_seconds=1.0)
+    recognizer = ConformerRecognizer(ModelConfig(n_mels=32))
+    assert len(featurize(utts, recognizer, tmp_path / "cache", max_seconds=30).examples) == 2
+    limited = featurize(utts, recognizer, tmp_path / "cache", max_seconds=1.0)
     assert [e.id for e in limited.examples] == ["short"] and "too long" in limited.problems[0].reason
 
 
 def test_collate_pads_with_zeros_and_keeps_lengths(examples):
-    batch = collate(examples[:3], 16)
+    batch = collate(examples[:3])
     lens = [e.feats.shape[0] for e in examples[:3]]
     assert batch.feats.shape == (3, max(lens), 16) and batch.feat_lens.tolist() == lens
     for i, n in enumerate(lens):
         assert not batch.feats[i, n:].any()
         assert batch.targets[i, : batch.target_lens[i]].tolist() == examples[i].tokens.tolist()
-    assert collate([], 16).feats.shape[0] == 0
+    assert batch.seconds.tolist() == pytest.approx([e.seconds for e in examples[:3]])
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
 
 
 def test_validate_rejects_inconsistent_configs():

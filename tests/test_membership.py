@@ -7,10 +7,8 @@ import torch
 
 from fl.audit.membership import loss_attack, roc_auc, tpr_at_fpr
 from fl.config import TrainConfig
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
 from fl.train import plain_round, utterance_losses
-from tests.conftest import TINY, fake_examples
+from tests.conftest import fake_examples
 
 
 def brute_force_auc(m, n):
@@ -48,16 +46,15 @@ def test_loss_attack_scores_low_loss_as_member():
     assert (result.members, result.nonmembers) == (2, 3)
 
 
-def test_attack_detects_a_model_that_memorised_its_training_set():
+def test_attack_detects_a_model_that_memorised_its_training_set(conformer):
     torch.manual_seed(0)
-    tok = CharTokenizer()
     members, nonmembers = fake_examples(8, seed=1), fake_examples(24, seed=2)
     nonmembers = [e.__class__("n" + e.id, e.speaker, e.feats, e.tokens, e.text) for e in nonmembers]
-    model = ConformerCTC(TINY, tok.vocab_size)
-    before = utterance_losses(model, members + nonmembers, tok.blank, TINY.n_mels)
+    model = conformer.new_module()
+    before = utterance_losses(conformer, model, members + nonmembers)
     untrained = loss_attack([before[e.id] for e in members], [before[e.id] for e in nonmembers])
-    plain_round(model, members, TrainConfig(local_steps=150, batch_size=8, lr=3e-3), tok.blank, TINY.n_mels, 0)
-    after = utterance_losses(model, members + nonmembers, tok.blank, TINY.n_mels)
+    plain_round(model, conformer, members, TrainConfig(local_steps=150, batch_size=8, lr=3e-3), 0)
+    after = utterance_losses(conformer, model, members + nonmembers)
     trained = loss_attack([after[e.id] for e in members], [after[e.id] for e in nonmembers])
     assert trained.auc > 0.95 and trained.tpr_at_1pct_fpr > 0.5
     assert trained.auc > untrained.auc

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fl.config import SamplePrivacyConfig, TrainConfig
-from fl.model.conformer import ConformerCTC
+from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.randomness import Secret
 from fl.privacy.sample import SampleAccount, SampleLevel, poisson_batch
 from tests.conftest import TINY
@@ -19,10 +19,11 @@ SECRET = Secret(bytes(32))
 
 def _round(examples, account, tokenizer, steps=3, q=0.25, z=1.0, release=0, secret=SECRET):
     torch.manual_seed(0)  # the same initial model every time
-    model = ConformerCTC(TINY, tokenizer.vocab_size)
+    recognizer = ConformerRecognizer(TINY)
+    model = recognizer.new_module()
     level = SampleLevel(z, 1.0, q, steps)
-    loss = level.train(model, examples, TrainConfig(local_steps=steps, batch_size=4, lr=1e-3), account,
-                       tokenizer.blank, TINY.n_mels, secret, release)
+    loss = level.train(model, recognizer, examples, TrainConfig(local_steps=steps, batch_size=4, lr=1e-3), account,
+                       secret, release)
     return model, loss
 
 

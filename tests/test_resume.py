@@ -25,7 +25,7 @@ from fl import protocol as P
 from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC
+from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.sample import SampleLevel
 from server import checkpoint
 from tests.conftest import ROOT, TINY, fake_examples, simulate
@@ -75,7 +75,7 @@ def _steps(state: Path) -> int:
 @pytest.mark.parametrize("secure_mode", [False, True])
 def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp_path, secure_mode):
     settings, store, arrays = _device(tmp_path, secure_mode)  # secret streams: secure mode replays exactly too
-    tok = CharTokenizer()
+    tok = ConformerRecognizer(TINY)
     first = _train(settings, *_message(1, arrays), store, tok)
     assert _steps(tmp_path) == 2
     again = _train(settings, *_message(1, arrays), store, tok)
@@ -93,7 +93,7 @@ def test_a_round_asked_again_is_answered_with_the_same_bits_and_counted_once(tmp
 
 def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_counted(tmp_path):
     settings, store, arrays = _device(tmp_path, secure_mode=False)
-    tok = CharTokenizer()
+    tok = ConformerRecognizer(TINY)
     first = _train(settings, *_message(1, arrays), store, tok)
     assert P.ARRAYS in first.content
     store.examples = fake_examples(12, seed=1)  # the device's recordings changed since it answered round 1
@@ -105,7 +105,7 @@ def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_coun
 
 def test_a_device_that_died_between_release_record_and_ledger_counts_the_round_once(tmp_path):
     settings, store, arrays = _device(tmp_path, secure_mode=False)
-    tok = CharTokenizer()
+    tok = ConformerRecognizer(TINY)
     _train(settings, *_message(1, arrays), store, tok)
     _train(settings, *_message(2, arrays), store, tok)
     before = DeviceState(tmp_path).release().history_before

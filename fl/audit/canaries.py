@@ -20,11 +20,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from fl.data.audio import TARGET_SR
 from fl.data.embedded import Condition, SpeakerProfile, render
-from fl.data.features import Example, LogMel
+from fl.data.features import Example
 from fl.data.fleet import DeviceData
 from fl.data.sentences import vocabulary
-from fl.data.text import CharTokenizer
+from fl.model import Recognizer
 
 PREFIX = "canary-"
 """Every canary example id (and each planted copy's) starts with this."""
@@ -37,8 +38,7 @@ class Canaries:
     references: list[Example]
 
 
-def make_canaries(planted: int, references: int, words: int, tokenizer: CharTokenizer, n_mels: int,
-                  seed: int) -> Canaries:
+def make_canaries(planted: int, references: int, words: int, recognizer: Recognizer, seed: int) -> Canaries:
     """``planted + references`` distinct random phrases, rendered and featurised the same way."""
     rng = random.Random(f"unheard-canaries:{seed}")
     lexicon = sorted(vocabulary())
@@ -47,13 +47,12 @@ def make_canaries(planted: int, references: int, words: int, tokenizer: CharToke
         text = " ".join(rng.sample(lexicon, words))
         if text not in texts:
             texts.append(text)
-    extractor = LogMel(n_mels)
+    audio = [render(text, _VOICE, np.random.default_rng([seed, i])) for i, text in enumerate(texts)]
     examples = []
-    for i, text in enumerate(texts):
-        audio = render(text, _VOICE, np.random.default_rng([seed, i]))
-        feats = extractor(audio).to(torch.float16)
-        tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-        examples.append(Example(f"{PREFIX}{i:03d}", "canary", feats, tokens, text))
+    for i, (text, wave, feats) in enumerate(zip(texts, audio, recognizer.features(audio))):
+        tokens = torch.tensor(recognizer.encode(text), dtype=torch.long)
+        examples.append(Example(f"{PREFIX}{i:03d}", "canary", feats.to(torch.float16), tokens, text,
+                                len(wave) / TARGET_SR))
     return Canaries(examples[:planted], examples[planted:])
 
 

@@ -12,6 +12,7 @@ from fl.audit.canaries import Canaries, exposure
 from fl.audit.membership import loss_attack
 from fl.data.features import Example
 from fl.data.fleet import DeviceData
+from fl.model import Recognizer
 from fl.train import utterance_losses
 
 
@@ -20,8 +21,8 @@ def _cap(examples: list[Example], limit: int, rng: random.Random) -> list[Exampl
 
 
 def membership_audit(
-    model: nn.Module, devices: Mapping[str, DeviceData], trained: set[str], held_out: Sequence[Example],
-    blank: int, n_mels: int, limit: int, seed: int, exclude: Optional[set[str]] = None,
+    recognizer: Recognizer, model: nn.Module, devices: Mapping[str, DeviceData], trained: set[str],
+    held_out: Sequence[Example], limit: int, seed: int, exclude: Optional[set[str]] = None,
 ) -> dict:
     """Loss attack: training utterances of devices that trained against (a) the same devices'
     held-back test utterances and (b) evaluation speakers' utterances; ``limit`` per population.
@@ -35,7 +36,7 @@ def membership_audit(
     other = _cap(list(held_out), limit, rng)
     if not members:
         return {"members": 0, "note": "no device trained: nothing to attack"}
-    losses = utterance_losses(model, members + same + other, blank, n_mels)
+    losses = utterance_losses(recognizer, model, members + same + other)
 
     def attack(nonmembers: list[Example]) -> Optional[dict]:
         if not nonmembers:
@@ -45,10 +46,10 @@ def membership_audit(
     return {"members": len(members), "same_speakers": attack(same), "other_speakers": attack(other)}
 
 
-def canary_audit(model: nn.Module, canaries: Canaries, holders: Mapping[str, str], trained: set[str],
-                 blank: int, n_mels: int) -> dict:
+def canary_audit(recognizer: Recognizer, model: nn.Module, canaries: Canaries, holders: Mapping[str, str],
+                 trained: set[str]) -> dict:
     """Each planted canary's rank and exposure among the never-planted references."""
-    losses = utterance_losses(model, canaries.planted + canaries.references, blank, n_mels)
+    losses = utterance_losses(recognizer, model, canaries.planted + canaries.references)
     reference = [losses[e.id] for e in canaries.references]
     rows = []
     for c in canaries.planted:

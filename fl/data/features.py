@@ -1,7 +1,9 @@
-"""Log-mel features and the on-disk feature cache.
+"""Featurised examples, the on-disk feature cache and batching.
 
-Features are computed once per utterance and stored as float16 next to the corpus cache, so that
-pretraining, every device round and every evaluation reuse them instead of decoding audio again.
+A recognizer (``fl/model``) decides what its features are (normalised log-mel frames for the
+Conformer; a frozen Whisper encoder's outputs). They are computed once per utterance and stored as
+float16 next to the corpus cache, so that every device round and every evaluation reuse them instead
+of decoding audio (and running a frozen encoder) again.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torchaudio
 from fl.data.audio import TARGET_SR, AudioError, load_audio
 from fl.data.readers import Problem
 from fl.data.records import Utterance
-from fl.data.text import CharTokenizer
+
+if TYPE_CHECKING:
+    from fl.model import Recognizer
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +59,10 @@ class Example:
 
     id: str
     speaker: str
-    feats: torch.Tensor  # [T, n_mels] float16
+    feats: torch.Tensor  # [frames, ...] float16: the recognizer's features
     tokens: torch.Tensor  # [L] int64
     text: str
+    seconds: float = 0.0  # the audio's length
 
 
 @dataclass
@@ -66,8 +71,8 @@ class FeatureSet:
     problems: list[Problem]
 
 
-def _cache_key(utterances: Sequence[Utterance], n_mels: int, max_seconds: float) -> str:
-    h = hashlib.sha256(f"logmel-v1:{n_mels}:{HOP_LENGTH}:{WIN_LENGTH}:{max_seconds!r}".encode())
+def _cache_key(utterances: Sequence[Utterance], feature_key: str, max_seconds: float) -> str:
+    h = hashlib.sha256(f"features-v2:{feature_key}:{max_seconds!r}".encode())
     for u in utterances:
         h.update(f"{u.id}\t{u.audio}\t{u.text}\n".encode())
     return h.hexdigest()[:16]
@@ -75,33 +80,43 @@ def _cache_key(utterances: Sequence[Utterance], n_mels: int, max_seconds: float)
 
 def featurize(
     utterances: Sequence[Utterance],
-    tokenizer: CharTokenizer,
-    n_mels: int,
+    recognizer: "Recognizer",
     cache_dir: Path,
     max_seconds: float = 30.0,
+    chunk: int = 16,
 ) -> FeatureSet:
-    """Featurise ``utterances``, skipping (and reporting) any whose audio or text is bad.
+    """Featurise ``utterances`` for ``recognizer``, skipping (and reporting) any whose audio or text is bad.
 
-    Results are cached in ``cache_dir`` under a key of the utterance list, the feature settings and
-    ``max_seconds`` (which decides what is skipped).
+    Audio longer than ``max_seconds`` or than the model takes is skipped. Results are cached in
+    ``cache_dir`` under a key of the utterance list, the recognizer's feature settings and the length
+    limit (which decides what is skipped). ``chunk`` utterances are featurised together.
     """
-    cache = Path(cache_dir) / f"feats-{_cache_key(utterances, n_mels, max_seconds)}.pt"
+    limit = min(max_seconds, recognizer.max_seconds)
+    cache = Path(cache_dir) / f"feats-{_cache_key(utterances, recognizer.feature_key, limit)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=False)
         return FeatureSet(blob["examples"], blob["problems"])
-    extractor = LogMel(n_mels)
     examples: list[Example] = []
     problems: list[Problem] = []
+    pending: list[tuple[Utterance, torch.Tensor, np.ndarray]] = []
+
+    def flush() -> None:
+        for (u, tokens, audio), feats in zip(pending, recognizer.features([a for _, _, a in pending])):
+            examples.append(Example(u.id, u.speaker, feats.to(torch.float16), tokens, u.text, len(audio) / TARGET_SR))
+        pending.clear()
+
     for u in utterances:
         try:
-            tokens = torch.tensor(tokenizer.encode(u.text), dtype=torch.long)
+            tokens = torch.tensor(recognizer.encode(u.text), dtype=torch.long)
             if tokens.numel() == 0:
                 raise ValueError("empty transcript")
-            feats = extractor(load_audio(u.audio, max_seconds=max_seconds))
+            pending.append((u, tokens, load_audio(u.audio, max_seconds=limit)))
         except (AudioError, ValueError) as err:
             problems.append(Problem(u.id, str(err)))
             continue
-        examples.append(Example(u.id, u.speaker, feats.to(torch.float16), tokens, u.text))
+        if len(pending) == chunk:
+            flush()
+    flush()
     for p in problems:
         log.warning("skipped %s: %s", p.utterance_id, p.reason)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -114,18 +129,21 @@ def featurize(
 
 @dataclass(frozen=True)
 class Batch:
-    feats: torch.Tensor  # [B, T, F] float32, zero-padded
+    feats: torch.Tensor  # [B, T, ...] float32, zero-padded
     feat_lens: torch.Tensor  # [B]
     targets: torch.Tensor  # [B, L] int64, zero-padded
     target_lens: torch.Tensor  # [B]
+    seconds: torch.Tensor  # [B] float: each example's audio length
 
 
-def collate(examples: Sequence[Example], n_mels: int) -> Batch:
-    """Pad a list of examples into one batch (an empty list gives an empty batch)."""
+def collate(examples: Sequence[Example]) -> Batch:
+    """Pad a non-empty list of examples into one batch."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
     b = len(examples)
-    t = max((e.feats.shape[0] for e in examples), default=1)
-    lmax = max((e.tokens.numel() for e in examples), default=1)
-    feats = torch.zeros(b, t, n_mels)
+    t = max(e.feats.shape[0] for e in examples)
+    lmax = max(e.tokens.numel() for e in examples)
+    feats = torch.zeros(b, t, *examples[0].feats.shape[1:])
     targets = torch.zeros(b, lmax, dtype=torch.long)
     for i, e in enumerate(examples):
         feats[i, : e.feats.shape[0]] = e.feats.float()
@@ -135,4 +153,5 @@ def collate(examples: Sequence[Example], n_mels: int) -> Batch:
         torch.tensor([e.feats.shape[0] for e in examples], dtype=torch.long),
         targets,
         torch.tensor([e.tokens.numel() for e in examples], dtype=torch.long),
+        torch.tensor([e.seconds for e in examples], dtype=torch.float32),
     )

@@ -1,7 +1,8 @@
 """From a ``DataConfig`` to the three disjoint sets a run needs.
 
 * public: synthetic eSpeak NG speakers (plus any real corpus declared public with
-  ``data.public_corpus``) -> central pretraining of the seed model;
+  ``data.public_corpus``) -> central pretraining of a seed model trained from scratch (a pretrained
+  recognizer needs none);
 * devices: private speakers, one simulated device each (or IID/Dirichlet shards), each with its
   own train and local test split;
 * held-out: speakers that no device holds (``eval_speakers`` drawn from the private pool, or the
@@ -24,7 +25,7 @@ from fl.data.fleet import DeviceData
 from fl.data.partition import partition, split_device
 from fl.data.readers import Problem, read_corpus
 from fl.data.records import Utterance, group_by_speaker
-from fl.data.text import CharTokenizer
+from fl.model import Recognizer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _by_id(examples: Sequence[Example]) -> dict[str, Example]:
     return {e.id: e for e in examples}
 
 
-def _eval_corpus(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, feats_dir: Path,
+def _eval_corpus(cfg: DataConfig, recognizer: Recognizer, feats_dir: Path,
                  device_speakers: set[str]) -> tuple[list[Example], list[Problem]]:
     """The separate evaluation corpus; it must share no speaker with the devices."""
     result = read_corpus(cfg.corpus, str(cfg.eval_path))
@@ -98,24 +99,29 @@ def _eval_corpus(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, feats_d
     if shared:
         raise ValueError(f"data.eval_path shares {len(shared)} speakers with the devices (e.g. {sorted(shared)[0]}): "
                          "evaluation speakers must never be trained on")
-    feats = featurize(result.utterances, tokenizer, n_mels, feats_dir, cfg.max_seconds)
+    feats = featurize(result.utterances, recognizer, feats_dir, cfg.max_seconds)
     return feats.examples, result.problems + feats.problems
 
 
-def _public_sets(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int,
-                 rng: random.Random) -> tuple[list[Example], list[Example], list[Utterance], list[Problem]]:
-    """(public train, public dev, the embedded private utterances, problems): what the seed model sees."""
+def _public_sets(cfg: DataConfig, recognizer: Recognizer, seed: int, rng: random.Random, needed: bool
+                 ) -> tuple[list[Example], list[Example], list[Utterance], list[Problem]]:
+    """(public train, public dev, the embedded private utterances, problems): what the seed model sees.
+
+    ``needed=False`` (a pretrained seed, and no other use): the public sets are left empty, unfeaturised.
+    """
     corpus = build_embedded_corpus(
         Path(cfg.cache_dir) / "embedded", n_public=cfg.public_speakers, n_private=cfg.private_speakers,
         public_utterances=cfg.public_utterances, private_utterances=cfg.private_utterances,
         seed=seed, shift=cfg.shift,
     )
     public_utts, problems = list(corpus.public), []
+    if not needed:
+        return [], [], corpus.private, problems
     if cfg.public_corpus:
         extra = read_corpus(cfg.public_corpus, str(cfg.public_path))
         public_utts += extra.utterances
         problems += extra.problems
-    public = featurize(public_utts, tokenizer, n_mels, Path(cfg.cache_dir) / "features", cfg.max_seconds)
+    public = featurize(public_utts, recognizer, Path(cfg.cache_dir) / "features", cfg.max_seconds)
     public_ex = list(public.examples)
     rng.shuffle(public_ex)
     n_dev = max(1, len(public_ex) // 10)
@@ -130,33 +136,35 @@ class ServerData:
     problems: list[Problem]
 
 
-def prepare_server_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> ServerData:
+def prepare_server_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> ServerData:
     """What a deployed server holds: the public sets (seed model) and its evaluation set.
 
     The evaluation set is the ``eval_path`` corpus when configured, else the public dev split.
     Devices' data (``data.path``) is never read: in a deployment it is on the devices.
     """
     rng = random.Random(seed)
-    public_train, public_dev, _, problems = _public_sets(cfg, tokenizer, n_mels, seed, rng)
+    needed = not recognizer.pretrained or not cfg.eval_path  # the public dev split is then the evaluation set
+    public_train, public_dev, _, problems = _public_sets(cfg, recognizer, seed, rng, needed)
     held_out = public_dev
     if cfg.eval_path:
         if not Path(cfg.eval_path).exists():
             raise DataNotFound(f"data.eval_path={cfg.eval_path} does not exist")
-        held_out, eval_problems = _eval_corpus(cfg, tokenizer, n_mels, Path(cfg.cache_dir) / "features", set())
+        held_out, eval_problems = _eval_corpus(cfg, recognizer, Path(cfg.cache_dir) / "features", set())
         problems += eval_problems
     return ServerData(public_train, public_dev, _cap_examples(held_out, cfg.eval_utterances, rng), problems)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: int) -> PreparedData:
+def prepare_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> PreparedData:
     """Public sets, devices and held-out speakers for a simulation (see the module docstring)."""
     check_paths(cfg)
     rng = random.Random(seed)
-    public_train, public_dev, embedded_private, problems = _public_sets(cfg, tokenizer, n_mels, seed, rng)
+    public_train, public_dev, embedded_private, problems = _public_sets(cfg, recognizer, seed, rng,
+                                                                        needed=not recognizer.pretrained)
     pool, pool_problems = _private_pool(cfg, embedded_private)
     problems += pool_problems
     pool = _cap_speakers(pool, cfg.max_speakers, rng)
     feats_dir = Path(cfg.cache_dir) / "features"
-    private = featurize(pool, tokenizer, n_mels, feats_dir, cfg.max_seconds)
+    private = featurize(pool, recognizer, feats_dir, cfg.max_seconds)
     problems += private.problems
 
     kept = _by_id(private.examples)
@@ -168,7 +176,7 @@ def prepare_data(cfg: DataConfig, tokenizer: CharTokenizer, n_mels: int, seed: i
     held_speakers = set(rng.sample(speakers, cfg.eval_speakers))
     held_out = [e for e in private.examples if e.speaker in held_speakers]
     if cfg.eval_path:
-        held_out, eval_problems = _eval_corpus(cfg, tokenizer, n_mels, feats_dir, set(speakers))
+        held_out, eval_problems = _eval_corpus(cfg, recognizer, feats_dir, set(speakers))
         problems += eval_problems
     held_out = _cap_examples(held_out, cfg.eval_utterances, rng)
     device_utts = [u for u in pool if u.id in kept and u.speaker not in held_speakers]

@@ -1,0 +1,138 @@
+"""The model contract: what every training, privacy, evaluation and audit path needs of a recognizer.
+
+A :class:`Recognizer` is one model family (the Conformer-CTC trained from scratch, or a pretrained
+Whisper) behind six operations: features for audio, a tokenizer, a per-example loss for a batch,
+transcription of a batch, the selection of trainable parameters, and the split of the model's
+weights into what the federation shares (travels, is averaged, is checkpointed) and what every
+party loads itself from the seed. DP-SGD, DP-FedAvg, evaluation, the audit and pretraining are
+written against this contract, never against one model.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl.config import ModelConfig
+from fl.data.features import Batch, Example, collate
+
+
+@dataclass(frozen=True)
+class Transcripts:
+    """Decoded text of a batch; ``loops_cut`` counts hypotheses whose runaway repetition was stopped."""
+
+    texts: list[str]
+    loops_cut: int = 0
+
+
+class Recognizer(ABC):
+    """One ASR model family: stateless about weights (a module is passed in), so one instance serves
+    the server, every simulated device and every evaluation of a run."""
+
+    kind: str
+    pretrained: bool
+    """True: the seed comes pretrained (no central pretraining on public speakers)."""
+    trainable: str
+    """Regex over parameter names: the parameters that train (and, see :meth:`shared`, travel)."""
+
+    # -- audio and text ---------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def feature_key(self) -> str:
+        """Everything the cached features depend on (the feature cache's key includes it)."""
+
+    @property
+    def max_seconds(self) -> float:
+        """The longest audio the model takes; longer recordings are skipped with a reason."""
+        return float("inf")
+
+    @abstractmethod
+    def features(self, audio: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Model input for each 16 kHz waveform, as stored in :class:`Example` (``[frames, ...]``)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Target token ids of a transcript (what :attr:`Example.tokens` holds)."""
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Zero-pad ``examples`` into one batch."""
+        return collate(examples)
+
+    # -- the model --------------------------------------------------------------------------------
+    @abstractmethod
+    def new_module(self) -> nn.Module:
+        """A fresh copy of the seed architecture (pretrained weights where the family has them), with
+        :attr:`trainable` applied to ``requires_grad``."""
+
+    @abstractmethod
+    def losses(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-example loss ``[B]``, normalised by target length (``module`` may be Opacus-wrapped)."""
+
+    def private_losses(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """:meth:`losses` plus the leaf inputs from which autograd reaches every trainable layer.
+
+        DP-SGD only needs the layers' output gradients (Opacus' hooks), so it asks autograd for the
+        leaves' gradients alone and skips the summed parameter gradients. ``None``: no such leaves
+        (a full backward is needed).
+        """
+        feats = batch.feats.detach().requires_grad_()
+        return self.losses(module, replace(batch, feats=feats)), [feats]
+
+    @abstractmethod
+    def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:
+        """Text of every example of ``batch`` (greedy; in eval mode, without gradients)."""
+
+    def select_trainable(self, module: nn.Module) -> int:
+        """Set ``requires_grad`` from :attr:`trainable`; returns how many values train.
+
+        Fine-tuning a small part of the model is what makes DP-SGD useful on small per-device data:
+        the noise grows with the number of trained values, the signal does not.
+        """
+        pattern = re.compile(self.trainable)
+        count = 0
+        for name, p in module.named_parameters():
+            p.requires_grad_(bool(pattern.search(name)))
+            count += p.numel() if p.requires_grad else 0
+        if count == 0:
+            raise ValueError(f"train.trainable={self.trainable!r} matches no parameter of the {self.kind} model")
+        return count
+
+    def shared(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights the federation shares: sent to devices, updated, averaged, checkpointed.
+
+        Default: the whole state. Families with a pinned pretrained seed share only the trainable
+        parameters; the frozen rest is loaded by every party from that seed.
+        """
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_shared(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Load shared weights into ``module`` (exactly the keys of :meth:`shared`); returns it."""
+        expected = set(self.shared(module))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"shared weights do not fit the {self.kind} model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        module.load_state_dict(dict(state), strict=False)
+        return module
+
+    def module_from(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A seed module with ``state`` (shared weights) loaded."""
+        return self.load_shared(self.new_module(), state)
+
+
+def build_recognizer(cfg: ModelConfig, trainable: Optional[str] = None) -> Recognizer:
+    """The recognizer ``cfg.kind`` names; ``trainable`` (``train.trainable``) overrides its default selection."""
+    # imported here: the Whisper family pulls in transformers, which a Conformer run never needs
+    if cfg.kind == "conformer":
+        from fl.model.conformer import ConformerRecognizer
+        return ConformerRecognizer(cfg, trainable)
+    if cfg.kind == "whisper":
+        from fl.model.whisper import WhisperRecognizer
+        return WhisperRecognizer(cfg, trainable)
+    raise ValueError(f"model.kind must be 'conformer' or 'whisper', not {cfg.kind!r}")

@@ -10,12 +10,17 @@ output (and so its gradient) does not depend on what else is in the batch.
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fl.config import ModelConfig
+from fl.data.features import Batch, LogMel
+from fl.data.text import CharTokenizer
+from fl.model import Recognizer, Transcripts
 
 
 def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -146,3 +151,53 @@ class ConformerCTC(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class ConformerRecognizer(Recognizer):
+    """The Conformer-CTC over characters, trained from scratch (``model.kind=conformer``).
+
+    Features are per-utterance normalised log-mel frames; the loss is CTC per transcript character;
+    transcription is best-path decoding. The whole state is shared: the seed is pretrained by the
+    server, so there is no pinned seed for a device to load frozen weights from.
+    """
+
+    kind = "conformer"
+    pretrained = False
+
+    def __init__(self, cfg: ModelConfig, trainable: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.trainable = trainable or "."
+        self.tokenizer = CharTokenizer()
+        self._logmel = LogMel(cfg.n_mels)
+
+    @property
+    def feature_key(self) -> str:
+        return f"logmel-v1:{self.cfg.n_mels}"
+
+    def features(self, audio: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        return [self._logmel(a) for a in audio]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def new_module(self) -> ConformerCTC:
+        module = ConformerCTC(self.cfg, self.tokenizer.vocab_size)
+        self.select_trainable(module)
+        return module
+
+    def losses(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-example CTC loss, normalised by transcript length: ``[B]``."""
+        log_probs, out_lens = module(batch.feats, batch.feat_lens)
+        losses = F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
+                            blank=self.tokenizer.blank, reduction="none", zero_infinity=True)
+        return losses / batch.target_lens.clamp_min(1)
+
+    @torch.no_grad()
+    def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:
+        """Best path: argmax per frame, merge repeats, drop blanks (CTC cannot loop: no cut needed)."""
+        log_probs, lengths = module(batch.feats, batch.feat_lens)
+        texts = []
+        for row, n in zip(log_probs.argmax(dim=-1), lengths.tolist()):
+            ids = torch.unique_consecutive(row[:n]).tolist()
+            texts.append(" ".join(self.tokenizer.decode([i for i in ids if i != self.tokenizer.blank]).split()))
+        return Transcripts(texts)

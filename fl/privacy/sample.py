@@ -26,7 +26,7 @@ worst-case participation when a target epsilon is set), travels to devices in ev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -37,11 +37,11 @@ from torch import nn
 
 from fl import protocol
 from fl.config import SamplePrivacyConfig, TrainConfig
-from fl.data.features import Batch, Example, collate
+from fl.data.features import Batch, Example
+from fl.model import Recognizer
 from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
 from fl.privacy.accounting import sample_level_noise_multiplier
 from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, Secret
-from fl.train import ctc_losses
 
 History = list[tuple[float, float, int]]
 ACCOUNTANTS = ("rdp", "prv")
@@ -176,8 +176,8 @@ class SampleLevel:
         )
         return gs_model, optimizer
 
-    def train(self, model: nn.Module, examples: Sequence[Example], train: TrainConfig, account: SampleAccount,
-              blank: int, n_mels: int, secret: Secret, release: int) -> float:
+    def train(self, model: nn.Module, recognizer: Recognizer, examples: Sequence[Example], train: TrainConfig,
+              account: SampleAccount, secret: Secret, release: int) -> float:
         """Train ``model`` in place for ``steps`` DP-SGD steps and record them in ``account``.
 
         Batches and noise come from ``secret``'s streams for this ``release`` (the device's release
@@ -194,7 +194,8 @@ class SampleLevel:
             idx = poisson_batch(len(examples), self.sample_rate, rng)
             optimizer.zero_grad(set_to_none=True)
             if idx:
-                losses.append(per_sample_backward(gs_model, collate([examples[i] for i in idx], n_mels), blank).item())
+                batch = recognizer.collate([examples[i] for i in idx])
+                losses.append(per_sample_backward(gs_model, recognizer, batch).item())
             else:  # an empty Poisson batch is still a step of the mechanism: noise only, counted
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -204,22 +205,23 @@ class SampleLevel:
         return sum(losses) / len(losses) if losses else float("nan")
 
 
-def per_sample_backward(gs_model: GradSampleModule, batch: Batch, blank: int) -> torch.Tensor:
+def per_sample_backward(gs_model: GradSampleModule, recognizer: Recognizer, batch: Batch) -> torch.Tensor:
     """Fill every trainable parameter's ``grad_sample`` for ``batch``; returns the mean loss.
 
-    Only the per-sample gradients are used, so autograd is asked for the features' gradient
-    alone: it then skips the parameters' summed gradients (wasted work; ``.grad`` stays empty),
-    while Opacus' hooks still receive every layer's output gradient.
+    Only the per-sample gradients are used, so autograd is asked for the gradients of the inputs the
+    recognizer names (:meth:`Recognizer.private_losses`) alone: it then skips the parameters' summed
+    gradients (wasted work; ``.grad`` stays empty), while Opacus' hooks still receive every layer's
+    output gradient.
     """
-    feats = batch.feats.detach().requires_grad_()
-    loss = ctc_losses(gs_model, replace(batch, feats=feats), blank).mean()
-    loss.backward(inputs=[feats])
+    losses, leaves = recognizer.private_losses(gs_model, batch)
+    loss = losses.mean()
+    loss.backward(inputs=leaves)
     return loss
 
 
-def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, batch: Batch, blank: int) -> float:
+def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, recognizer: Recognizer, batch: Batch) -> float:
     """One DP-SGD step on ``batch``: per-sample gradients, clipped, summed and noised; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = per_sample_backward(gs_model, batch, blank)
+    loss = per_sample_backward(gs_model, recognizer, batch)
     optimizer.step()
     return loss.item()
