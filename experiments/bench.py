@@ -1,19 +1,25 @@
 """`unheard-bench`: speed and memory figures, printed and written to bench.json.
 
 * ``dp_step_ratio``: seconds per DP-SGD step (the production step, ``fl/privacy/sample.py``)
-  over seconds per non-private AdamW step, default model, a batch of 16 utterances of 4 s.
-  Also reported without dropout, whose random masks cost both steps alike.
+  over seconds per non-private AdamW step, the Conformer (``model=conformer``), a batch of 16
+  utterances of 4 s. Also reported without dropout, whose random masks cost both steps alike.
+* ``whisper_dp_step_ratio``: the same for Whisper tiny.en's preset recipe (decoder blocks on cached
+  encoder outputs, 10 s window), a batch of 8 utterances of 16 tokens; every selection of
+  :data:`WHISPER_RECIPES` is timed beside it (``whisper_<recipe>_*``).
+* ``whisper_round_seconds``/``whisper_peak_gb``: one round of 8 devices x 8 DP-SGD steps of the
+  Whisper preset on the embedded corpus (wall time at the server, its evaluation included) and the
+  simulation's peak memory (features cached beforehand, so the round is what is timed).
 * ``secret_overhead``: seconds of one device's training release (privacy=both, local noise: DP-SGD
   batches and noise plus the user-level share, all from secret streams) with a device secret from
   the OS CSPRNG over the same with ``privacy.reproducible``'s seed-derived secret.
 * ``sim_overhead``: 1 - (device training seconds) / (actors x round wall time), for a round of
-  16 devices of the default model with DP-SGD: the share of the round in which the simulation's
+  16 devices of the Conformer with DP-SGD: the share of the round in which the simulation's
   actors did not train (messaging, model loading, aggregation, evaluation, checkpointing).
 * ``rss_gb_10k``: peak memory (sum of the proportional set size, PSS, of the simulation's whole
-  process tree: driver, Ray and its actors) of one round of a 10,000-device population with a
-  cohort of 50.
+  process tree: driver, Ray and its actors) of one round of a 10,000-device Conformer population
+  with a cohort of 50.
 * ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
-  synthesising the corpus, pretraining the seed model, the federated run.
+  synthesising the corpus, featurising it with the Whisper seed's encoder, the federated run.
 
 The simulations run the real entry point in a child process; their outputs go to a temporary
 folder. ``--only`` picks figures (the 10k and demo runs take minutes).
@@ -39,6 +45,7 @@ from clients.state import DeviceState
 from fl.config import ModelConfig, TrainConfig
 from fl.data.features import Batch
 from fl.model import Recognizer, build_recognizer
+from fl.model.whisper import DEFAULT_TRAINABLE
 from fl.privacy.sample import SampleAccount, SampleLevel, private_step
 from server.results import read_results
 
@@ -112,12 +119,13 @@ def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[st
 
 
 WHISPER_RECIPES = {
+    "decoder_biases_and_norms": DEFAULT_TRAINABLE,
+    "decoder_norms": r"^model\.decoder\.(layers\.\d+\..*layer_norm|layer_norm)",
+    "decoder_last_block_and_norms": r"^model\.decoder\.(layers\.3\.|layers\.\d+\..*layer_norm|layer_norm)",
     "decoder_blocks": r"^model\.decoder\.layers\.",
     "decoder_blocks_and_positions": r"^model\.decoder\.(layers\.|embed_positions)",
-    "decoder_last_block_and_norms": r"^model\.decoder\.(layers\.3\.|layers\.\d+\..*layer_norm)",
-    "decoder_attention": r"^model\.decoder\.layers\.\d+\.(self_attn|encoder_attn)\.",
 }
-"""Trainable selections compared for the Whisper recipe (the preset is ``decoder_blocks``)."""
+"""Trainable selections compared for the Whisper recipe (the preset, ``fl/model/whisper.py``, first)."""
 
 
 def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
@@ -130,7 +138,7 @@ def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
         non_dp, dp = step_seconds(recognizer, whisper_batch(recognizer, batch_size), repeats)
         figures |= {f"whisper_{name}_values": values, f"whisper_{name}_non_dp_seconds": non_dp,
                     f"whisper_{name}_dp_seconds": dp, f"whisper_{name}_dp_step_ratio": dp / non_dp}
-    figures["whisper_dp_step_ratio"] = figures["whisper_decoder_blocks_dp_step_ratio"]
+    figures["whisper_dp_step_ratio"] = figures["whisper_decoder_biases_and_norms_dp_step_ratio"]
     return figures
 
 
@@ -233,7 +241,7 @@ def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
     """Rounds of 16 devices; the figures pool every round but the last (which adds the final
     federated evaluation, a once-per-run cost)."""
     out = work / "overhead"
-    simulate(out, "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
+    simulate(out, "model=conformer", "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
              "federation.sampling=fixed", f"federation.rounds={rounds}", "federation.device_eval_every=0")
     rows = read_results(out)[1:-1]
     config = json.loads((out / "summary.json").read_text())["config"]["federation"]
@@ -249,7 +257,7 @@ def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
 
 def rss_10k(work: Path) -> dict[str, float]:
     """A population of 10,000 devices (two utterances each), a cohort of 50, one round."""
-    seconds, peak = simulate(work / "pop10k", "data.private_speakers=104", "data.private_utterances=200",
+    seconds, peak = simulate(work / "pop10k", "model=conformer", "data.private_speakers=104", "data.private_utterances=200",
                              "data.eval_utterances=160", "data.partition=iid", "data.num_devices=10000",
                              "federation.clients_per_round=50", "federation.sampling=fixed", "federation.rounds=1",
                              "federation.eval_devices=50")
@@ -263,14 +271,27 @@ def demo(work: Path) -> dict[str, float]:
     return {"demo_seconds": seconds, "demo_peak_gb": peak}
 
 
-RUNS: dict[str, Callable[[Path], dict[str, float]]] = {"sim_overhead": sim_overhead, "rss_10k": rss_10k, "demo": demo}
+def whisper_round(work: Path) -> dict[str, float]:
+    """One round of 8 devices x 8 DP-SGD steps of the Whisper preset (features cached by a first run)."""
+    args = ("data.private_speakers=12", "data.eval_speakers=4", "data.eval_utterances=80", "federation.rounds=1",
+            "federation.sampling=fixed", "train.local_steps=8", "privacy=sample")
+    cache = work / "whisper-cache"
+    simulate(work / "whisper-warm", *args, "federation.clients_per_round=1", cache=cache)
+    seconds, peak = simulate(work / "whisper-round", *args, "federation.clients_per_round=8", cache=cache)
+    row = read_results(work / "whisper-round")[-1]
+    return {"whisper_round_seconds": row["seconds"], "whisper_round_devices": row["clients"],
+            "whisper_run_seconds": seconds, "whisper_peak_gb": peak}
+
+
+RUNS: dict[str, Callable[[Path], dict[str, float]]] = {"sim_overhead": sim_overhead, "rss_10k": rss_10k,
+                                                       "whisper_round": whisper_round, "demo": demo}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--repeats", type=int, default=5)
-    figure_names = ["dp_step", "secret_overhead", *RUNS]
+    figure_names = ["dp_step", "whisper_dp_step", "secret_overhead", *RUNS]
     parser.add_argument("--only", nargs="+", choices=figure_names, default=figure_names)
     parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
     args = parser.parse_args()
@@ -279,8 +300,9 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.only:
-            if name in ("dp_step", "secret_overhead"):
-                figures |= (dp_step if name == "dp_step" else secret_overhead)(args.repeats)
+            steps = {"dp_step": dp_step, "whisper_dp_step": whisper_dp_step, "secret_overhead": secret_overhead}
+            if name in steps:
+                figures |= steps[name](args.repeats)
             else:
                 figures |= RUNS[name](work)
             Path(args.out).write_text(json.dumps(figures, indent=2))  # keep what is measured so far

@@ -89,14 +89,15 @@ def test_the_converted_seed_decodes_as_ctranslate2_does_on_real_speech():
     assert any(t.strip() for t in theirs)
 
 
-def test_a_local_whisper_folder_trains_only_the_decoder_blocks_and_shares_only_them(small_whisper):
+def test_a_local_whisper_folder_trains_only_the_presets_parameters_and_shares_only_them(small_whisper):
     recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper)))
     assert recognizer.cached_encoder  # no encoder parameter trains: its outputs are the features
     examples = _examples(recognizer)
     assert examples[0].feats.shape == (500, 16) and examples[0].tokens[-1] == recognizer.eot
     module = recognizer.new_module()
     shared = recognizer.shared(module)
-    assert shared and all(k.startswith("model.decoder.layers.") for k in shared)
+    assert shared and all(k.startswith("model.decoder.") and "embed" not in k for k in shared)
+    assert all(k.endswith("bias") or "layer_norm" in k for k in shared)  # the preset: biases and norms
     before = {k: v.clone() for k, v in shared.items()}
     frozen = module.model.decoder.embed_tokens.weight.clone()
     plain_round(module, recognizer, examples, TrainConfig(local_steps=2, batch_size=2, lr=1e-2), seed=0)

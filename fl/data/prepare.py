@@ -107,7 +107,8 @@ def _public_sets(cfg: DataConfig, recognizer: Recognizer, seed: int, rng: random
                  ) -> tuple[list[Example], list[Example], list[Utterance], list[Problem]]:
     """(public train, public dev, the embedded private utterances, problems): what the seed model sees.
 
-    ``needed=False`` (a pretrained seed, and no other use): the public sets are left empty, unfeaturised.
+    ``needed=False`` (a pretrained seed, and no other use): the public sets are left empty, unfeaturised;
+    a pretrained seed that needs them (a deployment's evaluation set) gets a random tenth as public dev.
     """
     corpus = build_embedded_corpus(
         Path(cfg.cache_dir) / "embedded", n_public=cfg.public_speakers, n_private=cfg.private_speakers,
@@ -121,6 +122,10 @@ def _public_sets(cfg: DataConfig, recognizer: Recognizer, seed: int, rng: random
         extra = read_corpus(cfg.public_corpus, str(cfg.public_path))
         public_utts += extra.utterances
         problems += extra.problems
+    if recognizer.pretrained:  # no pretraining: only an evaluation-sized random tenth is featurised
+        public_utts = rng.sample(public_utts, max(1, len(public_utts) // 10)) if public_utts else []
+        public = featurize(public_utts, recognizer, Path(cfg.cache_dir) / "features", cfg.max_seconds)
+        return [], list(public.examples), corpus.private, problems + public.problems
     public = featurize(public_utts, recognizer, Path(cfg.cache_dir) / "features", cfg.max_seconds)
     public_ex = list(public.examples)
     rng.shuffle(public_ex)
