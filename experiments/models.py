@@ -170,7 +170,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         recognizer, module, label = load_model(args.run)
         if not hasattr(recognizer, "export"):
-            raise ModelRefError(f"{label} is a {recognizer.kind} model: only Whisper runs export as a Hugging Face folder")
+            raise ModelRefError(f"{label} is a {recognizer.kind} model: only Whisper runs export as a "
+                                "Hugging Face folder")
         out = recognizer.export(recognizer.shared(module), Path(args.out))  # type: ignore[attr-defined]
     except (ModelRefError, SeedError, ValueError, OSError) as err:
         print(f"unheard-export: {err}", file=sys.stderr)

@@ -25,7 +25,8 @@ def run_folder(tmp_path, small_whisper):  # noqa: F811
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"round": 1, "state_dict": shared}, run / "checkpoints" / "round-001.pt")
-    (run / "summary.json").write_text(json.dumps({"rounds": 1, "config": {"model": model, "train": {"trainable": None}}}))
+    config = {"model": model, "train": {"trainable": None}}
+    (run / "summary.json").write_text(json.dumps({"rounds": 1, "config": config}))
     return run, shared
 
 
