@@ -258,7 +258,8 @@ def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
 def rss_10k(work: Path) -> dict[str, float]:
     """A population of 10,000 devices (two utterances each), a cohort of 50, one round."""
     seconds, peak = simulate(work / "pop10k", "model=conformer", "data.private_speakers=104",
-                             "data.private_utterances=200", "data.eval_utterances=160", "data.partition=iid", "data.num_devices=10000",
+                             "data.private_utterances=200", "data.eval_utterances=160", "data.partition=iid",
+                             "data.num_devices=10000",
                              "federation.clients_per_round=50", "federation.sampling=fixed", "federation.rounds=1",
                              "federation.eval_devices=50")
     return {"rss_gb_10k": peak, "seconds_10k": seconds}
