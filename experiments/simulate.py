@@ -141,16 +141,21 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     table = Table(title=f"unheard: {summary['config']['name']} ({summary['rounds']} rounds)")
-    for col in ("model", "held-out WER", "held-out CER", "device WER", "device CER"):
+    for col in ("model", "held-out WER", "raw WER", "CER", "loops", "device WER", "device CER"):
         table.add_column(col)
-    final_label = f"after federated fine-tuning (privacy={summary['config']['privacy']['name']})"
+    final_label = f"final (privacy={summary['config']['privacy']['name']})"
+    model = summary["config"]["model"]
+    seed_label = f"seed ({model['path'] or 'Whisper tiny.en'})" if model["kind"] == "whisper" else "seed (public only)"
     sim = summary.get("simulation_eval")
-    for label, key in (("seed (public only)", "seed_model"), (final_label, "final")):
+    for label, key in ((seed_label, "seed_model"), (final_label, "final")):
         s = summary[key]
         dev = sim[key] if sim else s
-        table.add_row(label, pct(s["wer"]), pct(s["cer"]), pct(dev["device_wer"]), pct(dev["device_cer"]))
+        table.add_row(label, pct(s["wer"]), pct(s.get("raw_wer")), pct(s["cer"]), str(s.get("loops_cut", "-")),
+                      pct(dev["device_wer"]), pct(dev["device_cer"]))
     console = Console()
     console.print(table)
+    console.print("WER and CER after Whisper's English normaliser (numbers, case, punctuation); raw WER without it; "
+                  "loops: runaway decodings cut")
     if sim:
         console.print(f"device WER/CER: {sim['observer']}; federated evaluation {summary['federated_evaluation']}")
     privacy = summary["privacy"]

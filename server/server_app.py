@@ -287,7 +287,8 @@ def _budget_stop(s: ServerSettings, mech: Mechanisms, ledger: ParticipationLedge
 
 
 def _scores(row: RoundRow) -> dict[str, Optional[float]]:
-    return {"wer": row.wer, "cer": row.cer, "device_wer": row.device_wer, "device_cer": row.device_cer}
+    return {"wer": row.wer, "cer": row.cer, "raw_wer": row.raw_wer, "loops_cut": row.loops_cut,
+            "device_wer": row.device_wer, "device_cer": row.device_cer}
 
 
 def make_server_app(settings: ServerSettings) -> ServerApp:

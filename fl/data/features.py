@@ -96,6 +96,7 @@ def featurize(
     if cache.exists():
         blob = torch.load(cache, weights_only=False)
         return FeatureSet(blob["examples"], blob["problems"])
+    log.info("featurising %d utterances (%s) -> %s", len(utterances), recognizer.feature_key, cache)
     examples: list[Example] = []
     problems: list[Problem] = []
     pending: list[tuple[Utterance, torch.Tensor, np.ndarray]] = []
@@ -123,7 +124,7 @@ def featurize(
     tmp = cache.with_suffix(".tmp")
     torch.save({"examples": examples, "problems": problems}, tmp)
     tmp.replace(cache)
-    log.info("featurised %d utterances (%d skipped) -> %s", len(examples), len(problems), cache)
+    log.info("featurised %d utterances (%d skipped)", len(examples), len(problems))
     return FeatureSet(examples, problems)
 
 

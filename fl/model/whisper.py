@@ -380,10 +380,14 @@ class WhisperRecognizer(Recognizer):
 
     def private_losses(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
         """Leaves: the features and the decoder's token embeddings (every trainable layer lies after one
-        of them), unless a learned input table (token or positional embedding) trains itself."""
+        of them) when weight matrices train. Otherwise (the preset: biases and norms) a full backward is
+        cheaper: the parameters' summed gradients are tiny, while a gradient for the features would run
+        back through every frozen cross-attention projection (measured: 1.84 s vs 2.13 s a DP step of
+        8). A learned input table (token or positional embedding) that trains also needs a full backward."""
         inner = getattr(module, "_module", module)
         decoder = inner.model.decoder
-        if decoder.embed_tokens.weight.requires_grad or decoder.embed_positions.weight.requires_grad:
+        matrices = any(p.requires_grad and p.dim() >= 2 for p in inner.parameters())
+        if not matrices or decoder.embed_tokens.weight.requires_grad or decoder.embed_positions.weight.requires_grad:
             return self.losses(module, batch), None
         decoder_ids, tokens, valid = self._inputs(batch)
         feats = batch.feats.detach().requires_grad_()
