@@ -121,7 +121,8 @@ def test_the_loss_of_an_example_does_not_depend_on_the_batch(small_whisper):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("trainable", [None, r"^model\.decoder\.layers\.", r"^model\.decoder\.(layers\.1\.|embed_positions)"])
+@pytest.mark.parametrize("trainable", [None, r"^model\.decoder\.layers\.",
+                                       r"^model\.decoder\.(layers\.1\.|embed_positions)"])
 def test_per_sample_gradients_of_the_recipe_are_each_examples_own(small_whisper, trainable):
     """DP-SGD clips what each example alone contributes: with a full backward (the preset; a trained
     positional table) and with the leaves the recognizer names (the decoder's blocks)."""
