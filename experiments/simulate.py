@@ -141,7 +141,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     table = Table(title=f"unheard: {summary['config']['name']} ({summary['rounds']} rounds)")
-    for col in ("model", "held-out WER", "raw WER", "CER", "loops", "device WER", "device CER"):
+    table.add_column("model", no_wrap=True)
+    for col in ("held-out WER (raw)", "CER", "loops", "device WER", "device CER"):
         table.add_column(col)
     final_label = f"final (privacy={summary['config']['privacy']['name']})"
     model = summary["config"]["model"]
@@ -150,8 +151,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     for label, key in ((seed_label, "seed_model"), (final_label, "final")):
         s = summary[key]
         dev = sim[key] if sim else s
-        table.add_row(label, pct(s["wer"]), pct(s.get("raw_wer")), pct(s["cer"]), str(s.get("loops_cut", "-")),
-                      pct(dev["device_wer"]), pct(dev["device_cer"]))
+        table.add_row(label, f"{pct(s['wer'])} ({pct(s.get('raw_wer'))})", pct(s["cer"]),
+                      str(s.get("loops_cut", "-")), pct(dev["device_wer"]), pct(dev["device_cer"]))
     console = Console()
     console.print(table)
     console.print("WER and CER after Whisper's English normaliser (numbers, case, punctuation); raw WER without it; "
