@@ -110,10 +110,10 @@ def _public_sets(cfg: DataConfig, recognizer: Recognizer, seed: int, rng: random
     ``needed=False`` (a pretrained seed, and no other use): the public sets are left empty, unfeaturised;
     a pretrained seed that needs them (a deployment's evaluation set) gets a random tenth as public dev.
     """
-    corpus = build_embedded_corpus(
-        Path(cfg.cache_dir) / "embedded", n_public=cfg.public_speakers, n_private=cfg.private_speakers,
-        public_utterances=cfg.public_utterances, private_utterances=cfg.private_utterances,
-        seed=seed, shift=cfg.shift,
+    corpus = build_embedded_corpus(  # private speakers do not depend on the public ones: none made if unneeded
+        Path(cfg.cache_dir) / "embedded", n_public=cfg.public_speakers if needed else 0,
+        n_private=cfg.private_speakers, public_utterances=cfg.public_utterances,
+        private_utterances=cfg.private_utterances, seed=seed, shift=cfg.shift,
     )
     public_utts, problems = list(corpus.public), []
     if not needed:
