@@ -101,7 +101,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("model", help="seed, a run folder, a checkpoint, or a Hugging Face Whisper folder")
     parser.add_argument("data", help="a corpus folder (Kaldi data dir, FSDD, LibriSpeech, manifest, or audio+.txt)")
     parser.add_argument("--corpus", choices=sorted(READERS), help="the corpus' reader (default: from its files)")
-    parser.add_argument("--limit", type=int, default=0, help="score the first N usable utterances (0: all)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="score N utterances spread evenly over the corpus (every k-th; 0: all)")
     parser.add_argument("--cache", default=".cache/features", help="feature cache folder")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -110,11 +111,14 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         recognizer, module, label = load_model(args.model)
         data = Path(args.data)
         read = read_corpus(_corpus_kind(data, args.corpus), data)
-        feats = featurize(read.utterances, recognizer, Path(args.cache))
+        utterances = read.utterances
+        if args.limit and len(utterances) > args.limit:
+            utterances = [utterances[i * len(utterances) // args.limit] for i in range(args.limit)]
+        feats = featurize(utterances, recognizer, Path(args.cache))
     except (ModelRefError, SeedError, CorpusError, ValueError, OSError) as err:
         print(f"unheard-eval: {err}", file=sys.stderr)
         return 2
-    examples = feats.examples[: args.limit] if args.limit else feats.examples
+    examples = feats.examples
     if not examples:
         print(f"unheard-eval: no usable utterance in {data} ({len(read.problems) + len(feats.problems)} skipped)",
               file=sys.stderr)
