@@ -21,8 +21,9 @@ from torch import nn
 from experiments.inputs import Inputs, build_inputs, run_audit
 from experiments.simulate import CONF_DIR, run_checked
 from fl.config import Config, register_configs
+from fl.data.features import Example
 from fl.model import Recognizer, build_recognizer
-from fl.train import evaluate, plain_round
+from fl.train import evaluate, evaluation_devices, plain_round
 from server.results import write_summary
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,16 @@ def central_steps(cfg: Config) -> int:
     return fed.rounds * fed.clients_per_round * cfg.train.local_steps
 
 
-def _scores(recognizer: Recognizer, model: nn.Module, inputs: Inputs) -> dict[str, float]:
+def device_tests(cfg: Config, inputs: Inputs) -> list[Example]:
+    """The test splits a simulation of this config scores its final model on (``simulation_eval``'s devices)."""
+    devices = list(inputs.devices.values())  # in partition-id order, as the fleet is written
+    chosen = evaluation_devices(range(len(devices)), cfg.federation.eval_devices, cfg.seed, cfg.federation.rounds)
+    return [e for pid in chosen for e in devices[pid].test]
+
+
+def _scores(recognizer: Recognizer, model: nn.Module, inputs: Inputs, tests: list[Example]) -> dict[str, float]:
     held = evaluate(recognizer, model, inputs.data.held_out)
-    dev = evaluate(recognizer, model, [e for d in inputs.devices.values() for e in d.test])
+    dev = evaluate(recognizer, model, tests)
     return {"wer": held.wer, "cer": held.cer, "raw_wer": held.raw_wer, "loss": held.loss, "loops_cut": held.loops_cut,
             "device_wer": dev.wer, "device_cer": dev.cer, "device_raw_wer": dev.raw_wer}
 
@@ -50,7 +58,8 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     inputs = build_inputs(cfg, out_dir)
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
     model = recognizer.module_from(inputs.seed.state_dict)
-    seed_scores = _scores(recognizer, model, inputs)
+    tests = device_tests(cfg, inputs)
+    seed_scores = _scores(recognizer, model, inputs, tests)
     steps = central_steps(cfg)
     pooled = [e for d in inputs.devices.values() for e in d.train]
     log.info("central fine-tune: %d steps on %d pooled utterances", steps, len(pooled))
@@ -58,7 +67,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     plain_round(model, recognizer, pooled, replace(cfg.train, local_steps=steps), cfg.seed)
     summary = {
         "kind": "central", "config": resolved, "seed_model": seed_scores,
-        "final": _scores(recognizer, model, inputs), "rounds": 0, "steps": steps,
+        "final": _scores(recognizer, model, inputs, tests), "rounds": 0, "steps": steps,
         "stopped_early": None, "seconds": time.perf_counter() - started, "privacy": {"sample": None, "user": None},
     }
     write_summary(out_dir, summary)

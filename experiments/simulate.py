@@ -32,7 +32,7 @@ from fl.config import Config, register_configs, validate
 from fl.data.fleet import load_device, write_fleet
 from fl.data.prepare import DataNotFound, check_paths
 from fl.model import build_recognizer
-from fl.train import evaluate
+from fl.train import evaluate, evaluation_devices
 from server import checkpoint
 from server.results import SUMMARY, write_summary
 from server.server_app import ServerSettings, make_server_app
@@ -89,19 +89,24 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     final = torch.load(out_dir / "checkpoints" / f"round-{summary['rounds']:03d}.pt", weights_only=False)
     if summary["federated_evaluation"] != "on":
         seed_weights = torch.load(seed_path, weights_only=False)["state_dict"]
-        summary["simulation_eval"] = simulation_eval(cfg, str(fleet), len(ids), seed_weights, final["state_dict"])
+        summary["simulation_eval"] = simulation_eval(cfg, str(fleet), len(ids), summary["rounds"], seed_weights,
+                                                     final["state_dict"])
         write_summary(out_dir, summary)
     summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
 
 
-def simulation_eval(cfg: Config, fleet: str, devices: int, seed: dict, final: dict) -> dict:
-    """The seed and final models on every simulated device's local test split, pooled: the
-    experimenter's view, which only a simulation has (no device sends test metrics under privacy)."""
+def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: dict, final: dict) -> dict:
+    """The seed and final models on the simulated devices' local test splits, pooled: the
+    experimenter's view, which only a simulation has (no device sends test metrics under privacy).
+
+    The devices are those the server's federated evaluation of the last round would ask:
+    all, or ``federation.eval_devices`` of them drawn by (seed, round)."""
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
-    tests = [e for pid in range(devices) for e in load_device(fleet, pid).test]
+    chosen = evaluation_devices(range(devices), cfg.federation.eval_devices, cfg.seed, rounds)
+    tests = [e for pid in chosen for e in load_device(fleet, pid).test]
     out: dict = {"observer": "experimenter (simulation only: read from the devices' files, never sent)",
-                 "utterances": len(tests)}
+                 "devices": len(chosen), "utterances": len(tests)}
     for label, weights in (("seed_model", seed), ("final", final)):
         result = evaluate(recognizer, recognizer.module_from(weights), tests) if tests else None
         out[label] = {"device_wer": result.wer if result else None, "device_cer": result.cer if result else None,

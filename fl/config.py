@@ -186,7 +186,8 @@ class FederationConfig:
     first; past ``round_timeout`` the reply is a failure). ``audit_outbound``: log the shape of
     every message a device sends to ``<run dir>/outbound/``. ``device_eval_every``: federated
     evaluation every that many rounds (0: only after the last), on ``eval_devices`` devices drawn
-    each time (0: all; what a large population needs). ``ray_address``: attach the
+    each time (0: all; what a large population needs); a private simulation's experimenter-view
+    evaluation of the final model reads the test splits of the same devices. ``ray_address``: attach the
     simulation to a running Ray cluster (``HOST:PORT`` of its head, see docs/scale.md) instead of
     starting a local one.
     """

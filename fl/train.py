@@ -27,6 +27,17 @@ def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
         for i in range(0, len(order) - size + 1, size):
             yield [examples[j] for j in order[i : i + size]]
 
+def evaluation_devices(keys: Sequence[int], cap: int, seed: int, r: int) -> list[int]:
+    """The devices that evaluate round ``r``'s model: all of ``keys``, or ``cap`` of them drawn by (seed, round).
+
+    The server's federated evaluation and a simulation's experimenter-view evaluation draw the same
+    devices (simulated devices' keys are their partition ids), so their figures are comparable."""
+    keys = sorted(keys)
+    if cap <= 0 or cap >= len(keys):
+        return keys
+    return sorted(random.Random(f"unheard-eval:{seed}:{r}").sample(keys, cap))
+
+
 def adam_step_bound(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
     """The largest |m_hat / sqrt(v_hat)| of step ``t`` of Adam from a fresh state, whatever the gradients.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserLevel
 from fl.train import evaluate as evaluate_model
+from fl.train import evaluation_devices
 from server import checkpoint, rounds
 from server.aggregate import Mechanisms, RoundOutcome, plain_round, secure_round
 from server.devices import identify
@@ -112,13 +112,6 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path) -> list[
         time.sleep(1.0)
 
 
-def _evaluated(keys: list[int], cap: int, seed: int, r: int) -> list[int]:
-    """The devices of round ``r``'s federated evaluation: all, or ``cap`` of them drawn by (seed, round)."""
-    if cap <= 0 or cap >= len(keys):
-        return keys
-    return sorted(random.Random(f"unheard-eval:{seed}:{r}").sample(keys, cap))
-
-
 def _mechanisms(s: ServerSettings, population: int) -> Mechanisms:
     """The run's mechanisms, built from config in one place (raises ``ValueError`` for an impossible one)."""
     sample = SampleLevel.from_config(s.sample, s.train, s.rounds) if s.sample else None
@@ -171,8 +164,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         central = evaluate_model(recognizer, model, eval_set)
         dwer = dcer = None
         if not s.private and (r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0)):
-            fed = rounds.evaluate(grid, devices.nodes(_evaluated(devices.keys, s.eval_devices, s.seed, r)), arrays, r,
-                                  s.round_timeout, {})
+            evaluated = devices.nodes(evaluation_devices(devices.keys, s.eval_devices, s.seed, r))
+            fed = rounds.evaluate(grid, evaluated, arrays, r, s.round_timeout, {})
             dwer, dcer = rounds.pooled_error_rates(fed)
         o = outcome or RoundOutcome()
         return RoundRow(

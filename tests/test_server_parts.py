@@ -12,19 +12,19 @@ from flwr.app import Array, ArrayRecord
 from fl.config import SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserLevel
+from fl.train import evaluation_devices
 from server.devices import Devices
 from server.ledger import ParticipationLedger
 from server.rounds import MAX_EXAMPLES, Rejected, check_update, example_weight
-from server.server_app import _evaluated
 
 
 def test_federated_evaluation_takes_all_devices_or_a_reproducible_sample_per_round():
     keys = list(range(100))
-    assert _evaluated(keys, 0, seed=0, r=3) == keys and _evaluated(keys, 500, seed=0, r=3) == keys
-    a = _evaluated(keys, 10, seed=0, r=3)
+    assert evaluation_devices(keys, 0, seed=0, r=3) == keys and evaluation_devices(keys, 500, seed=0, r=3) == keys
+    a = evaluation_devices(keys, 10, seed=0, r=3)
     assert len(a) == 10 == len(set(a)) and a == sorted(a) and set(a) <= set(keys)
-    assert a == _evaluated(keys, 10, seed=0, r=3)  # the same run evaluates the same devices
-    assert a != _evaluated(keys, 10, seed=0, r=4)  # and other devices the next time
+    assert a == evaluation_devices(keys, 10, seed=0, r=3)  # the same run evaluates the same devices
+    assert a != evaluation_devices(keys, 10, seed=0, r=4)  # and other devices the next time
 
 
 def test_devices_are_ordered_by_key_whatever_their_node_ids():

@@ -101,3 +101,14 @@ def test_local_noise_reports_what_the_server_learns_beside_the_models_epsilon(lo
     assert rows[-1]["epsilon_user_server"] == pytest.approx(user["epsilon_server"])
     assert rows[0]["randomness"] == "secret"
     assert [r["clients"] for r in rows[1:]] == [4, 4]  # secure mode trained at both levels on every device
+
+
+def test_the_experimenters_evaluation_reads_the_devices_the_last_federated_evaluation_would_ask(local_run):
+    from fl.data.fleet import load_device
+    from fl.train import evaluation_devices
+
+    summary = json.loads((local_run / "summary.json").read_text())
+    sim = summary["simulation_eval"]
+    chosen = evaluation_devices(range(4), 3, summary["config"]["seed"], summary["rounds"])
+    assert sim["devices"] == len(chosen) == 3
+    assert sim["utterances"] == sum(len(load_device(str(local_run / "fleet"), pid).test) for pid in chosen)
