@@ -4,6 +4,7 @@ gradients, loop-proof decoding and export."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -111,6 +112,19 @@ def test_a_local_whisper_folder_trains_only_the_presets_parameters_and_shares_on
     torch.testing.assert_close(recognizer.losses(again.eval(), batch), recognizer.losses(module.eval(), batch))
     with pytest.raises(ValueError, match="do not fit"):
         recognizer.load_shared(again, {k: v for k, v in list(after.items())[1:]})
+
+
+def test_a_pickled_recognizer_is_its_settings_and_rebuilds_the_same_model(small_whisper):
+    recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper)))
+    module = recognizer.new_module()  # the template is built: it must not travel either
+    blob = pickle.dumps(recognizer)
+    assert len(blob) < 10_000  # the weights stay behind (3 MB of seed here, 150 MB for tiny.en)
+    restored = pickle.loads(blob)
+    assert restored is pickle.loads(blob)  # one instance a process: the seed and template are built once
+    assert restored.trainable == recognizer.trainable and restored.feature_key == recognizer.feature_key
+    again = restored.new_module()
+    for (name, a), (other, b) in zip(module.state_dict().items(), again.state_dict().items(), strict=True):
+        assert name == other and torch.equal(a, b)
 
 
 def test_the_loss_of_an_example_does_not_depend_on_the_batch(small_whisper):

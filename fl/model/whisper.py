@@ -105,6 +105,12 @@ class WhisperRecognizer(Recognizer):
         self._template: Optional[WhisperForConditionalGeneration] = None
         self._encoder: Optional[nn.Module] = None
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its settings, a few hundred bytes instead of the seed's weights and the model
+        template (150-300 MB for tiny.en): a simulation ships the ClientApp, which holds the
+        recognizer, with every message, and unpickling that much took 1-2 s a message."""
+        return (_restored, (self.cfg, self.trainable))
+
     def _token(self, text: str) -> int:
         i = self.tokenizer.token_to_id(text)
         if i is None:
@@ -273,3 +279,15 @@ class WhisperRecognizer(Recognizer):
                       "max_length": self.config.max_target_positions}
         (out / "generation_config.json").write_text(json.dumps(generation, indent=1))
         return out
+
+
+_RESTORED: dict[tuple[Optional[str], float, str], WhisperRecognizer] = {}
+
+
+def _restored(cfg: ModelConfig, trainable: str) -> WhisperRecognizer:
+    """What an unpickled recognizer is: this process' one instance for (seed, window, selection),
+    built the first time from the seed this process loads (and, for the wheel, checks) itself."""
+    key = (cfg.path, cfg.input_seconds, trainable)
+    if key not in _RESTORED:
+        _RESTORED[key] = WhisperRecognizer(cfg, trainable)
+    return _RESTORED[key]
