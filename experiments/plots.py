@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 if TYPE_CHECKING:
     from experiments.collect import CurveRow
@@ -25,7 +26,7 @@ def _mean(values: list[float]) -> Optional[float]:
 def _baselines(ax: Any, rows: list[CurveRow], metric: str) -> None:
     seed = _mean([getattr(r, "seed_" + metric) for r in rows])
     if seed is not None:
-        ax.axhline(100 * seed, color="tab:red", linestyle="-.", linewidth=1, label="seed model (public data only)")
+        ax.axhline(100 * seed, color="tab:red", linestyle="-.", linewidth=1, label="seed model (before any federated round)")
     for mech, label in _BASELINES.items():
         value = _mean([getattr(r, metric) for r in rows if r.mechanism == mech])
         if value is not None:
@@ -59,6 +60,9 @@ def plot_wer_vs_epsilon(rows: list[CurveRow], path: Path) -> None:
             ax = axes[i][j]
             if _private_series(ax, rows, metric, eps_key):
                 ax.set_xscale("log")
+                # plain numbers ("4.6", not "4.6 x 10^0"): points within one decade label their minor ticks
+                ax.xaxis.set_major_formatter(ticker.LogFormatter())
+                ax.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
             _baselines(ax, rows, metric)
             ax.set_xlabel(title)
             ax.set_ylabel(f"{metric.upper()} on evaluation speakers (%)")
