@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from experiments.loopback import Loopback
 from fl.deploy.certs import make_ca_and_server, make_device_key
 from fl.deploy.flower import console_logging
@@ -97,9 +99,13 @@ def measure(rounds: int, root: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
     rows = [json.loads(x) for x in (root / "run" / "results.jsonl").read_text().splitlines()]
+    config = json.loads((root / "run" / "summary.json").read_text())["config"]
+    shared = torch.load(root / "run" / "checkpoints" / "round-000.pt", weights_only=False)["state_dict"]
     lifetimes = [watcher.last[p] - watcher.first[p] for p in watcher.peak]
     return {
-        "model": "default (1.32M parameters)", "privacy": "sample-level DP-SGD", "rounds": rounds,
+        "model": config["model"]["kind"] + (f" ({config['model']['path']})" if config["model"]["path"] else ""),
+        "shared_values": sum(v.numel() for v in shared.values()),
+        "privacy": config["privacy"]["name"], "rounds": rounds,
         "clientapp_processes": len(watcher.peak),
         "peak_rss_mb": round(max(watcher.peak.values()) / 1024, 1) if watcher.peak else None,
         "clientapp_seconds_max": round(max(lifetimes), 1) if lifetimes else None,

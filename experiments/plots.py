@@ -26,7 +26,8 @@ def _mean(values: list[float]) -> Optional[float]:
 def _baselines(ax: Any, rows: list[CurveRow], metric: str) -> None:
     seed = _mean([getattr(r, "seed_" + metric) for r in rows])
     if seed is not None:
-        ax.axhline(100 * seed, color="tab:red", linestyle="-.", linewidth=1, label="seed model (before any federated round)")
+        ax.axhline(100 * seed, color="tab:red", linestyle="-.", linewidth=1,
+                   label="seed model (before any federated round)")
     for mech, label in _BASELINES.items():
         value = _mean([getattr(r, metric) for r in rows if r.mechanism == mech])
         if value is not None:
