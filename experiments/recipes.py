@@ -23,6 +23,7 @@ from fl.config import ModelConfig, TrainConfig
 from fl.data.embedded import build_embedded_corpus
 from fl.data.features import featurize
 from fl.model import build_recognizer
+from fl.model.whisper import DEFAULT_TRAINABLE
 from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import Secret
 from fl.privacy.sample import SampleAccount, SampleLevel
@@ -31,7 +32,7 @@ from fl.train import evaluate, plain_round
 RECIPES = {
     "final_ln": r"^model\.decoder\.layer_norm",
     "ln": r"^model\.decoder\.(layers\.\d+\..*layer_norm|layer_norm)",
-    "bias_ln": r"^model\.decoder\.(layers\.\d+\..*(layer_norm|bias)|layer_norm)",
+    "bias_ln": DEFAULT_TRAINABLE,  # the preset
     "last_block": r"^model\.decoder\.(layers\.3\.|layer_norm)",
     "blocks": r"^model\.decoder\.layers\.",
 }

@@ -27,6 +27,7 @@ def random_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
         for i in range(0, len(order) - size + 1, size):
             yield [examples[j] for j in order[i : i + size]]
 
+
 def evaluation_devices(keys: Sequence[int], cap: int, seed: int, r: int) -> list[int]:
     """The devices that evaluate round ``r``'s model: all of ``keys``, or ``cap`` of them drawn by (seed, round).
 
