@@ -6,7 +6,9 @@ sent (``SampleLevel``, ``UserRound``), and replies with its model *update* (clip
 local or distributed user-level DP, noised with its share). Every DP draw comes from the device's
 own secret (``clients/state.py``), never from anything the server knows. Under any privacy level
 the reply's metrics are the echo of those parameters and nothing else: no example count, loss or
-timing. The device declines rounds past its own sample-level budget. Every reply passes the
+timing. Before training, the device checks every request against its own policy
+(``clients/policy.py``: noise floors, allowed placements, its sample-level and server-facing
+budgets over every run) and declines, with a fixed reason code, one that fails. Every reply passes the
 outbound guard (``clients/guard.py``). Federated evaluation runs only without privacy (test
 metrics are not covered by any guarantee). On ``query`` the device names itself with its stable
 key, so a resumed server finds the same devices.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -25,16 +27,17 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.faults import Faults
-from clients.guard import allowed_metrics, outbound_guard
+from clients.guard import DeviceError, allowed_metrics, outbound_guard
+from clients.policy import Refusal, check_budgets, check_mechanism
 from clients.secure_app import secure_train_mods
-from clients.state import DeviceState, Release, reply_digest, round_key
+from clients.state import DeviceState, Release, ServerAccount, reply_digest, round_key
 from fl import protocol as P
-from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
+from fl.config import DevicePolicy, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
 from fl.model import Recognizer, build_recognizer
 from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import TRAINING
-from fl.privacy.sample import SampleLevel
+from fl.privacy.sample import SampleAccount, SampleLevel
 from fl.privacy.user import UserRound
 from fl.train import evaluate, plain_round
 
@@ -57,8 +60,11 @@ class DeviceStore(Protocol):
 class DeviceSettings:
     """A device's own training policy and privacy policy (None = that privacy level is off).
 
-    The mechanisms' parameters come from the server in every train message; the policies give only
-    what is the device's own: its ledger's delta and accountant, its budget, its secure mode.
+    The mechanisms' parameters come from the server in every train message; the settings give only
+    what is the device's own: its ledgers' accountants, its secure mode, and ``policy``
+    (:class:`~fl.config.DevicePolicy`: the floors, placements, budgets and delta every request is
+    checked against before training, ``clients/policy.py``; the safe defaults unless the device's
+    operator -- or a simulation's config -- says otherwise).
     ``reproducible``: derive the device's secret from ``seed`` (simulations for exact reruns only).
     """
 
@@ -70,10 +76,23 @@ class DeviceSettings:
     threads: int = 1
     faults: Faults = Faults()
     reproducible: bool = False
+    policy: DevicePolicy = field(default_factory=DevicePolicy)
 
     @property
     def private(self) -> bool:
         return self.sample is not None or self.user is not None
+
+    def sample_policy(self) -> SamplePrivacyConfig:
+        """The sample-level settings the device trains and accounts with: the run's, at the smaller of
+        its delta and the device's own."""
+        assert self.sample is not None
+        return replace(self.sample, delta=min(self.sample.delta, self.policy.delta))
+
+    @property
+    def server_delta(self) -> float:
+        """The delta of the device's server-facing ledger: its own, or the run's user-level delta if smaller."""
+        run = self.user.delta if self.user is not None else None
+        return self.policy.delta if run is None else min(run, self.policy.delta)
 
     def state(self, store: DeviceStore, context: Context) -> DeviceState:
         key = store.key(context)
@@ -84,8 +103,18 @@ def _model(recognizer: Recognizer, msg: Message) -> torch.nn.Module:
     return recognizer.module_from(msg.content[P.ARRAYS].to_torch_state_dict())
 
 
-def _declined(msg: Message) -> Message:
-    return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
+def _declined(msg: Message, code: int) -> Message:
+    """A device's reply when it declines: ``declined`` = a code of ``fl.protocol.DECLINE_REASONS``, nothing else."""
+    if code not in P.DECLINE_REASONS:
+        raise ValueError(f"decline code {code!r} is not in fl.protocol.DECLINE_REASONS")
+    return Message(content=RecordDict({P.METRICS: MetricRecord({P.DECLINED: int(code)})}), reply_to=msg)
+
+
+def _decline(state: DeviceState, msg: Message, key: int, server_round: int, refusal: Refusal) -> Message:
+    """Decline ``server_round`` for ``refusal``: a note for the owner, the code for the server."""
+    log.warning("device %s declines round %d (%s): %s", key, server_round, refusal.reason, refusal.note)
+    state.declined(server_round, refusal.reason, code=refusal.code, note=refusal.note, **refusal.figures)
+    return _declined(msg, refusal.code)
 
 
 def _train(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore,
@@ -94,13 +123,17 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])  # type: ignore[arg-type]
     device, state = store.data(context), settings.state(store, context)
+    # the mechanisms exactly as the server sent them (a message without them is refused here) ...
+    sample = SampleLevel.from_message(config, settings.sample_policy()) if settings.sample else None
+    user = UserRound.from_message(config, settings.user.secure_mode) if settings.user else None
+    # ... and checked against the device's own floor before anything is trained
+    refusal = check_mechanism(settings.policy, sample, user)
+    if refusal is not None:
+        return _decline(state, msg, store.key(context), server_round, refusal)
     if not device.train and not settings.private:
         log.warning("device %s has no usable training recordings: declining round %d", store.key(context),
                     server_round)
-        return _declined(msg)
-    # the mechanisms exactly as the server sent them (a message without them is refused here)
-    sample = SampleLevel.from_message(config, settings.sample) if settings.sample else None
-    user = UserRound.from_message(config, settings.user.secure_mode) if settings.user else None
+        return _declined(msg, P.DECLINED_NO_DATA)
     settings.faults.before_training(context, settings.seed, server_round)
     with state.locked():
         return _release(settings, msg, context, store, recognizer, state, device, sample, user, started)
@@ -109,29 +142,36 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
 def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, recognizer: Recognizer,
              state: DeviceState, device: DeviceData, sample: Optional[SampleLevel], user: Optional[UserRound],
              started: float) -> Message:
-    """Plan, train, privatise and commit one release under the state folder's lock (see ``_train``)."""
-    server_round = int(msg.content[P.CONFIG][P.ROUND])  # type: ignore[arg-type]
-    this_round = round_key(server_round, msg.content[P.ARRAYS])
-    plan = state.plan(this_round)
+    """Plan, check the budgets, train, privatise and commit one release under the state folder's lock."""
+    config = msg.content[P.CONFIG]
+    server_round = int(config[P.ROUND])  # type: ignore[arg-type]
+    this_round = round_key(server_round, msg.content[P.ARRAYS], str(config.get(P.RUN_NONCE, "")))
+    # noise split across devices (distributed): a repeat is never answered with the same bits (clients/state.py)
+    fresh = user is not None and user.noise_cohort > 1
+    plan = state.plan(this_round, fresh=fresh)
+    account: Optional[SampleAccount] = None
+    server: Optional[ServerAccount] = None
+    if sample is not None:
+        account = state.account(sample.accountant)
+        if plan.history is not None:
+            account.history = list(plan.history)
+    if user is not None:
+        server = state.server_account(settings.user.accountant if settings.user else "pld")
+        if plan.server_history is not None:
+            server.history = list(plan.server_history)
+    run_cap = settings.sample.max_epsilon if settings.sample else None
+    refusal = check_budgets(settings.policy, sample, account, run_cap, user, server, settings.server_delta)
+    if refusal is not None:
+        return _decline(state, msg, store.key(context), server_round, refusal)
+    before = list(account.history) if account is not None else None
+    server_before = list(server.history) if server is not None else None
     secret = state.secret()
     torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))  # dropout etc.
     model = _model(recognizer, msg)
     base = {k: v.clone() for k, v in recognizer.shared(model).items()}
     metrics: dict[str, float | int] = {}
-    account, before = None, None
     if sample is not None:
-        account = state.account(sample.accountant)
-        if plan.history is not None:
-            account.history = list(plan.history)
-        before = list(account.history)
-        budget = settings.sample.max_epsilon if settings.sample else None
-        after = account.plus(sample.noise_multiplier, sample.sample_rate, sample.steps).epsilon(sample.delta)
-        if budget is not None and after > budget:
-            spent = account.epsilon(sample.delta)
-            log.warning("device %s: round %d would take epsilon from %.3f to %.3f > its budget %s: declining",
-                        store.key(context), server_round, spent, after, budget)
-            state.declined(server_round, "privacy budget spent", epsilon=spent, delta=sample.delta, max_epsilon=budget)
-            return _declined(msg)
+        assert account is not None
         sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index)
         metrics |= sample.echo()
     elif device.train:
@@ -141,19 +181,23 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
             metrics |= {P.NUM_EXAMPLES: len(device.train), P.TRAIN_LOSS: loss}
     update = model_delta(recognizer.shared(model), base)
     if user is not None:
+        assert server is not None
         update, bit = user.privatize(update, secret, plan.index)
+        server = server.plus(user.noise_multiplier, user.noise_cohort)
         metrics |= user.echo()
         if bit is not None:
             metrics[P.CLIP_BIT] = bit
     arrays, record = ArrayRecord(update), MetricRecord(metrics)
     digest = reply_digest(arrays, record)
     if plan.replaying is not None and digest != plan.replaying.digest:
-        log.warning("device %s: round %d was asked again after a server restart and this reply differs from "
-                    "the first one: declining (the first reply stays counted)", store.key(context), server_round)
-        return _declined(msg)
+        return _decline(state, msg, store.key(context), server_round, Refusal(
+            P.DECLINED_REPLAY_DIFFERS, "asked again after a server restart, and this reply differs from the first "
+            "one (the first reply stays counted)"))
     steps = sample.steps if sample else settings.train.local_steps
-    state.commit(Release(this_round, digest, before, plan.index), account, server_round, steps,
-                 len(device.train), time.perf_counter() - started, sample.delta if sample else None)
+    state.commit(Release(this_round, digest, before, plan.index, server_before, replayable=not fresh), account,
+                 server_round, steps, len(device.train), time.perf_counter() - started,
+                 sample.delta if sample else None, server=server,
+                 server_delta=settings.server_delta if server is not None else None)
     settings.faults.after_training(context, settings.seed, server_round)
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: record}), reply_to=msg)
 
@@ -191,8 +235,8 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     @app.evaluate(mods=evaluate_mods)
     def evaluate_(msg: Message, context: Context) -> Message:
         if settings.private:
-            raise PermissionError("federated evaluation is off under privacy: test metrics are covered by no DP "
-                                  "guarantee, so this device sends none")
+            raise DeviceError(P.ERROR_EVALUATION_REFUSED, "federated evaluation is off under privacy: test metrics "
+                              "are covered by no DP guarantee, so this device sends none")
         torch.set_num_threads(settings.threads)
         device = store.data(context)
         metrics: dict[str, float | int] = {P.NUM_EXAMPLES: 0, P.WER: 0.0, P.CER: 0.0, P.LOSS: 0.0, P.WORDS: 0,

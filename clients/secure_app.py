@@ -39,7 +39,7 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from clients.guard import OutboundViolation, check_reply
+from clients.guard import DeviceError, OutboundViolation, check_reply, coded_errors, error_code
 from fl import protocol as P
 from fl.privacy import masks
 from fl.privacy.secagg import SECURE_NAMES
@@ -74,10 +74,10 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     msg.content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()}),
                               P.CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
     reply = call_next(msg, context)
-    if reply.has_error():
-        raise RuntimeError(f"train failed, not contributing to the secure sum: {reply.error.reason}")
+    if reply.has_error():  # already a fixed code (the inner outbound guard): keep it, not contributing
+        raise DeviceError(error_code(msg, code=reply.error.code), "train failed, not contributing to the secure sum")
     if P.ARRAYS not in reply.content:
-        raise RuntimeError("no update to contribute (declined?): leaving this secure round")
+        raise DeviceError(P.ERROR_SECURE_LEFT, "no update to contribute (declined?): leaving this secure round")
     update = {k: a.numpy() for k, a in reply.content.array_records[P.ARRAYS].items()}
     order = [k for k in names if weights[k].dtype.kind == "f"]
     if set(update) != set(order):
@@ -126,13 +126,18 @@ def check_secure_reply(content: RecordDict, shapes: Mapping[str, tuple[int, ...]
 
 
 def secure_outbound_guard(shapes: Mapping[str, tuple[int, ...]], allowed: Collection[str]) -> Mod:
-    """Outermost mod of a SecAgg+ train function: every reply must pass ``check_secure_reply``."""
+    """Outermost mod of a SecAgg+ train function: every reply must pass ``check_secure_reply``, and
+    any failure below (the protocol's, the adapter's, the inner guard's) leaves as a fixed error code
+    only (``clients.guard.coded_errors``)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        reply = call_next(msg, context)
-        if not reply.has_error():
-            check_secure_reply(reply.content, shapes, allowed)
-        return reply
+        def handle() -> Message:
+            reply = call_next(msg, context)
+            if not reply.has_error():
+                check_secure_reply(reply.content, shapes, allowed)
+            return reply
+
+        return coded_errors(msg, handle)
 
     return mod
 

@@ -9,9 +9,11 @@
 * ``whisper_round_seconds``/``whisper_peak_gb``: one round of 8 devices x 8 DP-SGD steps of the
   Whisper preset on the embedded corpus (wall time at the server, its evaluation included) and the
   simulation's peak memory (features cached beforehand, so the round is what is timed).
-* ``secret_overhead``: seconds of one device's training release (privacy=both, local noise: DP-SGD
-  batches and noise plus the user-level share, all from secret streams) with a device secret from
-  the OS CSPRNG over the same with ``privacy.reproducible``'s seed-derived secret.
+* ``secret_overhead`` (``whisper_secret_overhead``): seconds of one device's training release
+  (privacy=both, local noise: DP-SGD batches and noise plus the user-level share) with every draw
+  from the secret ChaCha20 streams, over the same release drawing from torch's MT19937 (the
+  generator the streams replaced; measured for its cost only), on the Conformer (1.3M values a
+  step) and on the Whisper preset.
 * ``sim_overhead``: 1 - (device training seconds) / (actors x round wall time), for a round of
   16 devices of the Conformer with DP-SGD: the share of the round in which the simulation's
   actors did not train (messaging, model loading, aggregation, evaluation, checkpointing).
@@ -46,8 +48,9 @@ from fl.config import ModelConfig, TrainConfig
 from fl.data.features import Batch
 from fl.model import Recognizer, build_recognizer
 from fl.model.whisper import DEFAULT_TRAINABLE
+from fl.privacy.randomness import Secret, Stream
 from fl.privacy.sample import SampleAccount, SampleLevel, private_step
-from server.results import read_results
+from server.results import read_private_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +101,7 @@ def step_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[fl
     mechanism = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=1)
     gsm, dp_opt = mechanism.make_private(recognizer.new_module().train(),
                                          TrainConfig(lr=1e-5, batch_size=batch.feats.shape[0]),
-                                         torch.Generator().manual_seed(0))
+                                         Secret.from_seed(0, "bench").stream("dp-step"))
     # alternate the two so that a slow spell of the machine hits both alike
     non_dp = dp = 0.0
     for _ in range(2):
@@ -142,18 +145,36 @@ def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
     return figures
 
 
-def secret_overhead(repeats: int) -> dict[str, float]:
-    """A device's release with a secret from the OS against one derived from the seed (alternated)."""
+class _MersenneStream(Stream):
+    """The draws the ChaCha20 streams replaced: torch's MT19937 seeded with 64 bits of the key
+    (it keeps 32 of them: NOT private). A reference cost for ``secret_overhead`` only."""
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        self.generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "big"))
+
+    def coins(self, n: int, rate: float) -> list[int]:
+        return torch.nonzero(torch.rand(n, generator=self.generator) < rate).flatten().tolist()
+
+    def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False):  # type: ignore[no-untyped-def]
+        return torch.normal(0.0, std, tuple(shape), generator=self.generator).to(dtype)
+
+
+class _MersenneSecret(Secret):
+    def stream(self, purpose: str, *index: int | str) -> Stream:
+        return _MersenneStream(self.stream_key(purpose, *index))
+
+
+def _release_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[float, float]:
+    """Seconds of one device's training release (privacy=both, local noise: 2 DP-SGD steps at q =
+    0.25 of 32 utterances, then the user-level share), with ChaCha20 streams and with MT19937's."""
     from fl.data.features import Example
     from fl.privacy.gaussian import model_delta
-    from fl.privacy.randomness import Secret
     from fl.privacy.user import UserRound
 
-    cfg = ModelConfig()
-    recognizer = build_recognizer(cfg)
-    batch = conformer_batch(cfg, 32, 4.0)
+    n = batch.feats.shape[0]
     examples = [Example(f"u{i}", "s", batch.feats[i, : int(batch.feat_lens[i])].half(),
-                        batch.targets[i, : int(batch.target_lens[i])], "x", 4.0) for i in range(32)]
+                        batch.targets[i, : int(batch.target_lens[i])], "x", float(batch.seconds[i])) for i in range(n)]
     mechanism = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=2)
     share = UserRound(noise_multiplier=1.0, clip_norm=1.0, noise_cohort=1)
     train = TrainConfig(local_steps=2, batch_size=8, lr=1e-4)
@@ -165,18 +186,32 @@ def secret_overhead(repeats: int) -> dict[str, float]:
         mechanism.train(model, recognizer, examples, train, SampleAccount(), secret, 0)
         share.privatize(model_delta(recognizer.shared(model), base), secret, 0)
 
-    secret, seeded = Secret.generate(), Secret.from_seed(0, "device:0")
-    release(seeded)  # warm-up: first-call costs (hooks, allocations) are neither's
-    times = {"secret": 0.0, "reproducible": 0.0}
+    key = Secret.generate().key
+    chacha, mersenne = Secret(key), _MersenneSecret(key)
+    release(chacha)  # warm-up: first-call costs (hooks, allocations) are neither's
+    release(mersenne)
+    times = {"chacha": 0.0, "mersenne": 0.0}
     for i in range(max(1, repeats)):
-        pair = (("secret", secret), ("reproducible", seeded))
+        pair = (("chacha", chacha), ("mersenne", mersenne))
         for name, s in pair if i % 2 == 0 else pair[::-1]:  # alternate the order
             started = time.perf_counter()
             release(s)
             times[name] += time.perf_counter() - started
-    return {"release_seconds_secret": times["secret"] / repeats,
-            "release_seconds_reproducible": times["reproducible"] / repeats,
-            "secret_overhead": times["secret"] / times["reproducible"]}
+    return times["chacha"] / repeats, times["mersenne"] / repeats
+
+
+def secret_overhead(repeats: int) -> dict[str, float]:
+    """A release's cost with ChaCha20 draws over the same with torch's MT19937, the Conformer
+    (1.3M values a step) and the Whisper preset (cached encoder outputs)."""
+    figures: dict[str, float] = {}
+    cfg = ModelConfig()
+    whisper = build_recognizer(ModelConfig(kind="whisper"), DEFAULT_TRAINABLE)
+    for label, recognizer, batch in (("", build_recognizer(cfg), conformer_batch(cfg, 32, 4.0)),
+                                     ("whisper_", whisper, whisper_batch(whisper, 32))):
+        chacha, mersenne = _release_seconds(recognizer, batch, repeats)
+        figures |= {f"{label}release_seconds_chacha20": chacha, f"{label}release_seconds_mt19937": mersenne,
+                    f"{label}secret_overhead": chacha / mersenne}
+    return figures
 
 
 def _tree_pss(root: int) -> dict[str, int]:
@@ -243,7 +278,7 @@ def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
     out = work / "overhead"
     simulate(out, "model=conformer", "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
              "federation.sampling=fixed", f"federation.rounds={rounds}", "federation.device_eval_every=0")
-    rows = read_results(out)[1:-1]
+    rows = read_private_rounds(out)[1:-1]  # round wall times: the experimenter's private figures under DP
     config = json.loads((out / "summary.json").read_text())["config"]["federation"]
     actors = max(1, int((os.cpu_count() or 1) // config["num_cpus_per_client"]))
     measured = {r["round"] for r in rows}
@@ -279,7 +314,7 @@ def whisper_round(work: Path) -> dict[str, float]:
     cache = work / "whisper-cache"
     simulate(work / "whisper-warm", *args, "federation.clients_per_round=1", cache=cache)
     seconds, peak = simulate(work / "whisper-round", *args, "federation.clients_per_round=8", cache=cache)
-    row = read_results(work / "whisper-round")[-1]
+    row = read_private_rounds(work / "whisper-round")[-1]
     return {"whisper_round_seconds": row["seconds"], "whisper_round_devices": row["clients"],
             "whisper_run_seconds": seconds, "whisper_peak_gb": peak}
 

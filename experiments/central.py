@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -45,11 +46,15 @@ def device_tests(cfg: Config, inputs: Inputs) -> list[Example]:
     return [e for pid in chosen for e in devices[pid].test]
 
 
-def _scores(recognizer: Recognizer, model: nn.Module, inputs: Inputs, tests: list[Example]) -> dict[str, float]:
+def _scores(recognizer: Recognizer, model: nn.Module, inputs: Inputs, tests: list[Example]
+            ) -> dict[str, Optional[float]]:
+    """Held-out and device-test scores; the device ones are None if the devices hold no test recordings
+    (each recording is test independently, so a small device may have none)."""
     held = evaluate(recognizer, model, inputs.data.held_out)
-    dev = evaluate(recognizer, model, tests)
+    dev = evaluate(recognizer, model, tests) if tests else None
     return {"wer": held.wer, "cer": held.cer, "raw_wer": held.raw_wer, "loss": held.loss, "loops_cut": held.loops_cut,
-            "device_wer": dev.wer, "device_cer": dev.cer, "device_raw_wer": dev.raw_wer}
+            "device_wer": dev.wer if dev else None, "device_cer": dev.cer if dev else None,
+            "device_raw_wer": dev.raw_wer if dev else None}
 
 
 def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:

@@ -2,8 +2,10 @@
 
 Works on any run directories (one run, a Hydra multirun, a tree of sweeps): every folder below
 the given ones that holds a ``summary.json`` is a run; ``results.jsonl`` and ``audit.json``
-beside it add the per-round figures and the leakage audit. Nothing is recomputed: every number in
-the outputs is one a run wrote.
+beside it add the per-round figures and the leakage audit, and ``experimenter_view.json`` the
+devices' test-split WER a private simulation's experimenter computed (covered by no DP, labelled
+so). Nothing is recomputed: every number in the outputs is one a run wrote. Nothing is read from a
+run's ``private/`` folder: a private run's wall time is not published, so its ``seconds`` is empty.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 from experiments.inputs import AUDIT
 from experiments.plots import plot_all
-from server.results import RESULTS, SUMMARY
+from server.results import RESULTS, SUMMARY, read_experimenter_view
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class CurveRow:
     canary_exposure: Optional[float]
     canaries_trained: Optional[int]
     stopped_early: Optional[str]
-    seconds: float
+    seconds: Optional[float]
 
 
 def mechanism_of(summary: dict[str, Any]) -> str:
@@ -88,7 +90,8 @@ def row_from_run(run_dir: Path, root: Path) -> CurveRow:
     privacy = summary["privacy"]
     sample, user = privacy.get("sample") or {}, privacy.get("user") or {}
     canaries = audit.get("canaries") or {}
-    devices = (summary.get("simulation_eval") or summary)["final"]
+    view = read_experimenter_view(run_dir) or {}
+    devices = (view.get("simulation_eval") or summary)["final"]
     return CurveRow(
         run=str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         name=summary["config"]["name"], mechanism=mechanism_of(summary),
@@ -105,7 +108,7 @@ def row_from_run(run_dir: Path, root: Path) -> CurveRow:
         mia_auc_other=_attack(audit, "other_speakers", "auc"), mia_tpr_other=_attack(audit, "other_speakers",
                                                                                      "tpr_at_1pct_fpr"),
         canary_exposure=canaries.get("mean_exposure"), canaries_trained=canaries.get("trained"),
-        stopped_early=summary.get("stopped_early"), seconds=summary["seconds"],
+        stopped_early=summary.get("stopped_early"), seconds=summary.get("seconds"),
     )
 
 

@@ -38,7 +38,7 @@ from fl.deploy.flower import CONNECTION, flwr, toml_string, write_connection
 from fl.model import build_recognizer
 from fl.pretrain import pretrain_seed
 from server import checkpoint
-from server.results import RESULTS, SUMMARY
+from server.results import RESULTS, SUMMARY, read_private_rounds
 from server.server_app import PROGRESS
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,10 @@ def submit(cfg: Config, out_dir: Path, home: Path, values: dict[str, str]) -> st
 
 
 def _view(out_dir: Path, rounds: int, run_id: str) -> Table:
-    """The live view: round progress, what the server is doing, devices, epsilon so far."""
+    """The live view: round progress, what the server is doing, devices, epsilon so far.
+
+    Under privacy ``progress.json`` and ``results.jsonl`` say the expected cohort only; the round's
+    realised counts come from the server's private folder, this operator's own (when readable)."""
     progress = json.loads((out_dir / PROGRESS).read_text()) if (out_dir / PROGRESS).exists() else {}
     rows = [json.loads(x) for x in (out_dir / RESULTS).read_text().splitlines()] if (out_dir / RESULTS).exists() else []
     last = rows[-1] if rows else {}
@@ -165,13 +168,23 @@ def _view(out_dir: Path, rounds: int, run_id: str) -> Table:
     table = Table(title=f"unheard run {run_id}", show_header=False, box=None)
     table.add_row("rounds", f"{'█' * done}{'░' * max(0, rounds - done)} {done}/{rounds}")
     phase = progress.get("phase", "starting")
+    asked = progress.get("cohort", progress.get("expected_cohort", 0))
+    asked_text = f"{asked} devices asked" if "cohort" in progress else f"{asked} devices expected"
     if phase == "waiting for devices":
         phase += f": {progress.get('connected', 0)} of {progress.get('wanted', '?')} connected"
     elif phase == "training":
-        phase += f" round {progress['round']}: {progress.get('cohort', 0)} devices asked, waiting for replies"
+        phase += f" round {progress['round']}: {asked_text}, waiting for replies"
     elif phase == "round done":
-        phase += (f" {progress['round']}: {progress.get('replies', 0)} of {progress.get('cohort', 0)} replied, "
-                  f"{progress.get('failures', 0)} failed, {progress.get('rejected', 0)} rejected")
+        realised = next((r for r in reversed(read_private_rounds(out_dir)) if r["round"] == progress["round"]), None)
+        if "replies" in progress:
+            phase += (f" {progress['round']}: {progress.get('replies', 0)} of {asked} replied, "
+                      f"{progress.get('failures', 0)} failed, {progress.get('rejected', 0)} rejected")
+        elif realised is not None:  # the private figures, on the experimenter's own console only
+            phase += (f" {progress['round']} ({asked_text}; private: {realised['clients']} updates, "
+                      f"{realised['declined']} declined, {realised['failures']} failed, "
+                      f"{realised['rejected']} rejected)")
+        else:
+            phase += f" {progress['round']} ({asked_text})"
     table.add_row("server", phase)
     table.add_row("devices", str(progress.get("connected", "-")))
     if last:

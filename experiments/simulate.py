@@ -34,7 +34,7 @@ from fl.data.prepare import DataNotFound, check_paths
 from fl.model import build_recognizer
 from fl.train import evaluate, evaluation_devices
 from server import checkpoint
-from server.results import SUMMARY, write_summary
+from server.results import EXPERIMENTER_VIEW, SUMMARY, read_experimenter_view, write_experimenter_view
 from server.server_app import ServerSettings, make_server_app
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     fed = cfg.federation
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
     device = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
-                            fed.threads_per_client, faults, cfg.privacy.reproducible)
+                            fed.threads_per_client, faults, cfg.privacy.reproducible,
+                            policy=cfg.privacy.device)  # the simulated devices' own policy (conf/config.yaml)
     server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
     audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:
@@ -87,18 +88,18 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     trained = {device_id for pid, device_id in enumerate(ids)
                if DeviceState(state_dir(str(fleet), pid)).rounds_trained()}
     final = torch.load(out_dir / "checkpoints" / f"round-{summary['rounds']:03d}.pt", weights_only=False)
-    if summary["federated_evaluation"] != "on":
+    if summary["federated_evaluation"] != "on":  # beside summary.json, never in it: no DP covers it
         seed_weights = torch.load(seed_path, weights_only=False)["state_dict"]
-        summary["simulation_eval"] = simulation_eval(cfg, str(fleet), len(ids), summary["rounds"], seed_weights,
-                                                     final["state_dict"])
-        write_summary(out_dir, summary)
+        write_experimenter_view(out_dir, {"simulation_eval": simulation_eval(
+            cfg, str(fleet), len(ids), summary["rounds"], seed_weights, final["state_dict"])})
     summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
 
 
 def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: dict, final: dict) -> dict:
     """The seed and final models on the simulated devices' local test splits, pooled: the
-    experimenter's view, which only a simulation has (no device sends test metrics under privacy).
+    experimenter's view, which only a simulation has (no device sends test metrics under privacy),
+    covered by no DP guarantee: written to ``experimenter_view.json``, not to ``summary.json``.
 
     The devices are those the server's federated evaluation of the last round would ask:
     all, or ``federation.eval_devices`` of them drawn by (seed, round)."""
@@ -152,7 +153,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     final_label = f"final (privacy={summary['config']['privacy']['name']})"
     model = summary["config"]["model"]
     seed_label = f"seed ({model['path'] or 'Whisper tiny.en'})" if model["kind"] == "whisper" else "seed (public only)"
-    sim = summary.get("simulation_eval")
+    sim = (read_experimenter_view(out_dir) or {}).get("simulation_eval")
     for label, key in ((seed_label, "seed_model"), (final_label, "final")):
         s = summary[key]
         dev = sim[key] if sim else s
@@ -197,7 +198,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     print_audit(console, summary.get("audit"))
     if summary.get("stopped_early"):
         console.print(f"stopped early by the privacy budget: {summary['stopped_early']}")
-    console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json")
+    console.print(f"results: {out_dir}/results.jsonl, {out_dir}/summary.json"
+                  + (f"; experimenter view (not covered by DP): {out_dir}/{EXPERIMENTER_VIEW}" if sim else ""))
 
 
 def run_checked(dcfg: DictConfig, runner: Callable[[Config, Path, dict], dict]) -> None:

@@ -7,7 +7,7 @@ config or on the command line is rejected before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -108,8 +108,9 @@ class SamplePrivacyConfig:
     expected batch is q * n, the update is averaged over the public ``train.batch_size``).
     ``target_epsilon`` (optional) replaces ``noise_multiplier``: the server calibrates the noise so
     that a device taking part in *every* round stays within it, and sends it to the devices.
-    ``max_epsilon`` (optional) is each device's own budget over all runs: it declines a round that
-    would take its ledger past it. ``accountant``: ``rdp`` or ``prv`` (upper bounds).
+    ``max_epsilon`` (optional) asks each device for a budget over all runs stricter than its own
+    (``DevicePolicy.max_sample_epsilon``; the stricter applies): it declines a round that would take
+    its ledger past it. ``accountant``: ``rdp`` or ``prv`` (upper bounds).
     ``secure_mode``: noise drawn with Opacus' floating-point-attack mitigation.
     """
 
@@ -155,6 +156,60 @@ class UserPrivacyConfig:
     secure_mode: bool = False
 
 
+USER_NOISE_PLACEMENTS = ("central", "local", "distributed")
+
+
+@dataclass
+class DevicePolicy:
+    """A device's own privacy policy: every train request is checked against it *before* training,
+    and one below its floor, with a refused placement or past one of its budgets is declined with a
+    fixed reason code (``fl.protocol.DECLINE_REASONS``; ``clients/policy.py``).
+
+    What the server announces is never taken on trust: guarantees *against the server* rest on this
+    policy. ``min_sample_z``: the lowest DP-SGD noise multiplier accepted. ``min_user_z``: the lowest
+    user-level noise multiplier accepted for noise the device adds itself (``local``,
+    ``distributed``). A request with no DP at all is accepted only when both floors are 0.
+    ``allowed_user_noise``: the user-level placements accepted; ``central`` (the device sends its
+    clipped update in clear to a server it must trust) only if listed. ``max_sample_epsilon``: the
+    device's sample-level budget over every run (the run's ``privacy.sample.max_epsilon`` may only
+    make it stricter); ``max_server_epsilon``: its budget of what servers learn about it from its
+    local/distributed user-level releases, over every run (``clients/state.py``'s server-facing
+    ledger). null = no budget. ``delta``: the delta both budgets are stated at (a run's smaller
+    delta is used if it sets one).
+
+    These defaults are a deployed device's (``unheard-device``; an operator opts into anything
+    weaker explicitly). A simulation's devices take ``privacy.device`` from the config, which
+    ``conf/config.yaml`` sets permissive so that every preset runs: there the experimenter is both
+    server and devices.
+    """
+
+    min_sample_z: float = 0.5
+    min_user_z: float = 0.3
+    allowed_user_noise: List[str] = field(default_factory=lambda: ["local", "distributed"])
+    max_sample_epsilon: Optional[float] = 10.0
+    max_server_epsilon: Optional[float] = 10.0
+    delta: float = 1e-5
+
+    @classmethod
+    def permissive(cls) -> "DevicePolicy":
+        """Accept whatever the server announces (a simulation's devices; never a deployed default)."""
+        return cls(0.0, 0.0, list(USER_NOISE_PLACEMENTS), None, None)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a policy that cannot be applied, saying what to change."""
+        bad = [p for p in self.allowed_user_noise if p not in USER_NOISE_PLACEMENTS]
+        if bad:
+            raise ValueError(f"device policy: allowed_user_noise {bad} not among {USER_NOISE_PLACEMENTS}")
+        if not (self.min_sample_z >= 0 and self.min_user_z >= 0):
+            raise ValueError("device policy: min_sample_z and min_user_z must be >= 0")
+        for name in ("max_sample_epsilon", "max_server_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"device policy: {name} must be > 0 (or null: no budget), got {value!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"device policy: delta must be in (0, 1), got {self.delta!r}")
+
+
 @dataclass
 class PrivacyConfig:
     """``name`` is ``none``, ``sample``, ``user`` or ``both``; a block is null when that level is off.
@@ -163,7 +218,8 @@ class PrivacyConfig:
     on past it (user-level epsilon, every observer's; sample-level epsilon of a device taking part
     in every round). ``reproducible``: derive every DP secret from ``seed`` (simulation only) for
     exact reruns -- then the noise protects against no one who holds the config, and every report
-    says so. The default draws secrets from the OS CSPRNG.
+    says so. The default draws secrets from the OS CSPRNG. ``device``: the simulated devices' own
+    policy (:class:`DevicePolicy`).
     """
 
     name: str = "none"
@@ -171,6 +227,8 @@ class PrivacyConfig:
     user: Optional[UserPrivacyConfig] = None
     max_epsilon: Optional[float] = None
     reproducible: bool = False
+    device: DevicePolicy = field(default_factory=DevicePolicy)
+    """The simulated devices' own policy (a deployed device ignores it: its own comes from its node config)."""
 
 
 @dataclass
@@ -279,7 +337,7 @@ def register_configs() -> None:
 _CHOICES = {
     "data.partition": ("speaker", "iid", "dirichlet"),
     "privacy.name": ("none", "sample", "user", "both"),
-    "privacy.user.noise": ("central", "local", "distributed"),
+    "privacy.user.noise": USER_NOISE_PLACEMENTS,
     "privacy.user.clipping": ("fixed", "adaptive", "per_layer"),
     "privacy.user.accountant": ("pld", "rdp"),
     "privacy.sample.accountant": ("rdp", "prv"),
@@ -319,5 +377,6 @@ def validate(cfg: Config) -> None:
         raise ValueError("data.public_corpus and data.public_path go together")
     if cfg.privacy.sample is not None and not 0.0 < cfg.privacy.sample.sample_rate <= 1.0:
         raise ValueError("privacy.sample.sample_rate is a probability in (0, 1]")
+    cfg.privacy.device.check()
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

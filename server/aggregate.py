@@ -74,19 +74,21 @@ class RoundOutcome:
 
 @dataclass
 class Mechanisms:
-    """The run's privacy mechanisms (None = that level is off) and the server's secret."""
+    """The run's privacy mechanisms (None = that level is off), the server's secret and the run's nonce."""
 
     sample: Optional[SampleLevel]
     user: Optional[UserLevel]
     secret: Secret
+    nonce: str = ""
 
     @property
     def private(self) -> bool:
         return self.sample is not None or self.user is not None
 
     def device_config(self) -> dict[str, Any]:
-        """The exact parameters devices must use this round (they echo them back)."""
-        out: dict[str, Any] = {}
+        """The exact parameters devices must use this round (they echo them back), and the run's nonce
+        (part of the request's identity on the device: never echoed)."""
+        out: dict[str, Any] = {P.RUN_NONCE: self.nonce} if self.nonce else {}
         if self.sample:
             out |= self.sample.to_config()
         if self.user:
@@ -124,6 +126,7 @@ def plain_round(
     for m in replies.ok:
         key = devices.key_of(m.metadata.src_node_id)
         if _is_declined(m):
+            log.info("round %d: device %s declined: %s", r, key, P.decline_reason(m.content[P.METRICS][P.DECLINED]))
             declined.append(key)
             continue
         try:

@@ -4,7 +4,9 @@ The server's state lives in ``private/`` (mode 0700, files 0600), apart from wha
 (``checkpoints/round-NNN.pt``, ``results.jsonl``, ``summary.json``): the run secret
 (``private/server-secret``, every DP draw of the server comes from it) and ``private/server-state.pt``
 -- global model, round number, the user-level accountant's per-round (q, z) history and adaptive
-clip norm, the participation ledger (rounds charged per device key) and every result row so far.
+clip norm, the participation ledger (rounds charged per device key), every result row so far, and
+the run nonce (128 random bits drawn once per run and sent in every train message: a device knows
+a request of this run from any other run's, even from the same seed model, ``clients/state.py``).
 
 Commit before release: after a round's aggregation the server writes its state atomically
 *before* the new model goes anywhere -- to server-side evaluation, to devices for federated
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,8 @@ NOT_COMPARED = ("resume",)
 
 @dataclass
 class ServerState:
-    """``round``: the last round aggregated; ``rows`` hold its row once it was measured."""
+    """``round``: the last round aggregated; ``rows`` hold its row once it was measured; ``nonce``:
+    the run's nonce (empty in a state written before runs had one)."""
 
     round: int
     arrays: dict[str, Tensor]
@@ -46,6 +50,7 @@ class ServerState:
     ledger: dict[str, Any]
     user: Optional[dict[str, Any]]
     config: dict[str, Any]
+    nonce: str = ""
 
     @property
     def measured(self) -> bool:
@@ -82,6 +87,11 @@ def run_secret(out_dir: Path, reproducible_seed: Optional[int]) -> Secret:
     if reproducible_seed is not None:
         return Secret.from_seed(reproducible_seed, "server")
     return Secret.load_or_create(private_path(out_dir) / SECRET)
+
+
+def run_nonce() -> str:
+    """A fresh run nonce: 128 bits from the OS CSPRNG, as hex (drawn once per run, kept in the state)."""
+    return secrets.token_hex(16)
 
 
 def save(out_dir: Path, state: ServerState) -> None:

@@ -51,7 +51,6 @@ class ParticipationLedger:
             "sample_rate": sample.sample_rate, "steps_per_round": sample.steps, "max_rounds": self.worst,
             "max_steps": self.worst * sample.steps, "epsilon": sample.epsilon(self.worst), "delta": sample.delta,
             "accountant": sample.accountant, "target_epsilon": target, "secure_mode": sample.secure_mode,
-            "devices_charged": len(self.charged),
             "observer": "anyone without the device's secret (the server included); per run: a deployed "
                         "device's own ledger also counts its earlier runs",
         }

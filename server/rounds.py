@@ -50,7 +50,9 @@ def exchange(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("device %s failed in round %d: %s", name(node), server_round, reply.error.reason)
+            # the code only: a device sends no free text (clients/guard.py), and Flower's own reasons may quote one
+            log.warning("device %s failed in round %d: error %d (%s)", name(node), server_round, reply.error.code,
+                        P.error_text(reply.error.code))
             out.failed.append(node)
         elif P.METRICS not in reply.content:
             log.warning("device %s sent a malformed reply in round %d", name(node), server_round)

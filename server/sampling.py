@@ -4,13 +4,13 @@
 sampling that the amplification-by-subsampling theorem for user-level DP assumes.
 ``fixed``: exactly ``expected`` devices drawn without replacement; the user-level accountant then
 claims no amplification (see ``fl/privacy/accounting.py``).
-The coins come from the server's secret stream for the round (``Secret.random(COHORT, round)``):
-who was sampled is not derivable from the config, which amplification by sampling needs.
+The coins come from the server's secret ChaCha20 stream for the round (``Secret.stream(COHORT,
+round)``): who was sampled is not derivable from the config, which amplification by sampling needs.
 """
 
 from __future__ import annotations
 
-import random
+from fl.privacy.randomness import Stream
 
 SCHEMES = ("poisson", "fixed")
 
@@ -21,11 +21,11 @@ def participation_rate(expected: int, population: int) -> float:
     return min(1.0, expected / population)
 
 
-def sample_cohort(nodes: list[int], expected: int, scheme: str, rng: random.Random) -> list[int]:
-    """The devices of one round (possibly none under Poisson sampling)."""
+def sample_cohort(nodes: list[int], expected: int, scheme: str, stream: Stream) -> list[int]:
+    """The devices of one round (possibly none under Poisson sampling), coins from ``stream``."""
     if scheme == "poisson":
         q = participation_rate(expected, len(nodes))
-        return [n for n in nodes if rng.random() < q]
+        return [nodes[i] for i in stream.coins(len(nodes), q)]
     if scheme == "fixed":
-        return sorted(rng.sample(nodes, min(expected, len(nodes))))
+        return sorted(stream.choose(nodes, min(expected, len(nodes))))
     raise ValueError(f"unknown federation.sampling={scheme!r}; expected one of {SCHEMES}")

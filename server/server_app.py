@@ -38,13 +38,13 @@ from server import checkpoint, rounds
 from server.aggregate import Mechanisms, RoundOutcome, plain_round, secure_round
 from server.devices import identify
 from server.ledger import ParticipationLedger
-from server.results import ResultsWriter, RoundRow
+from server.results import ResultsWriter, RoundRow, write_private_summary
 from server.sampling import participation_rate, sample_cohort
 
 log = logging.getLogger(__name__)
 
 FEDERATED_EVAL_OFF = ("off: privacy is on, and per-device test metrics are covered by no DP guarantee, so devices "
-                      "send none (the simulation's experimenter-view evaluation is in summary.simulation_eval)")
+                      "send none (the simulation's experimenter-view evaluation is in experimenter_view.json)")
 
 
 @dataclass(frozen=True)
@@ -88,36 +88,49 @@ class ServerSettings:
 
 
 PROGRESS = "progress.json"
-"""What the server is doing now (phase, round, devices connected, replies): public figures only,
-rewritten as the run goes, for ``unheard-launch``'s live view."""
+"""What the server is doing now (phase, round, devices connected, replies), rewritten as the run
+goes, for ``unheard-launch``'s live view. Under privacy public figures only (:func:`progress_fields`)."""
+WAITING = "waiting for devices"
+PROGRESS_UNDER_PRIVACY = frozenset({"phase", "round", "rounds", "wanted", "expected_cohort"})
+"""What ``progress.json`` may say under privacy: no realised cohort, replies, failures or rejections,
+no timestamp, and devices connected only while waiting for them (the population, before any round)."""
 
 
-def _progress(out: Path, **fields: Any) -> None:
+def progress_fields(private: bool, **fields: Any) -> dict[str, Any]:
+    """``progress.json``'s content: everything and the time without privacy, else only public figures."""
+    if not private:
+        return {"time": time.time(), **fields}
+    return {k: v for k, v in fields.items()
+            if k in PROGRESS_UNDER_PRIVACY or (k == "connected" and fields.get("phase") == WAITING)}
+
+
+def _progress(out: Path, private: bool, **fields: Any) -> None:
     tmp = out / (PROGRESS + ".tmp")
-    tmp.write_text(json.dumps({"time": time.time(), **fields}))
+    tmp.write_text(json.dumps(progress_fields(private, **fields)))
     tmp.replace(out / PROGRESS)
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path) -> list[int]:
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path, private: bool = True) -> list[int]:
     """Wait until ``wanted`` devices are connected (up to ``timeout`` s), saying how many are."""
     deadline, said = time.monotonic() + timeout, -1
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) != said:
             log.info("%d of %d devices connected", len(nodes), wanted)
-            _progress(out, phase="waiting for devices", connected=len(nodes), wanted=wanted)
+            _progress(out, private, phase=WAITING, connected=len(nodes), wanted=wanted)
             said = len(nodes)
         if len(nodes) >= wanted or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
 
 
-def _mechanisms(s: ServerSettings, population: int) -> Mechanisms:
-    """The run's mechanisms, built from config in one place (raises ``ValueError`` for an impossible one)."""
+def _mechanisms(s: ServerSettings, population: int, nonce: str = "") -> Mechanisms:
+    """The run's mechanisms, built from config in one place (raises ``ValueError`` for an impossible one);
+    ``nonce``: the run's, sent in every train message."""
     sample = SampleLevel.from_config(s.sample, s.train, s.rounds) if s.sample else None
     user = UserLevel(s.user, population, s.clients_per_round, s.sampling, s.rounds) if s.user else None
     secret = checkpoint.run_secret(Path(s.out_dir), s.seed if s.reproducible else None)
-    return Mechanisms(sample, user, secret)
+    return Mechanisms(sample, user, secret, nonce)
 
 
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
@@ -135,9 +148,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     model = recognizer.module_from(torch.load(s.initial_weights, weights_only=False)["state_dict"])
     eval_set = torch.load(s.eval_examples, weights_only=False)
     arrays = ArrayRecord(recognizer.shared(model))
-    writer = ResultsWriter(out)
     ledger = ParticipationLedger()
-    nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout, out)
+    nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout, out, s.private)
     if not nodes:
         raise RuntimeError("no devices connected within federation.round_timeout: nothing to train on")
     if s.user is not None and len(nodes) < s.clients_per_round:
@@ -145,8 +157,14 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                            "connected: user-level DP cannot run; lower federation.clients_per_round or connect more")
     devices = identify(grid, nodes, s.round_timeout)
     participation = participation_rate(s.clients_per_round, len(nodes))
+    expected = min(s.clients_per_round, len(nodes))  # the devices a round asks on average: public config
+    writer = ResultsWriter(out, s.private, expected, checkpoint.private_path(out))
+    # the run nonce: drawn once per run, committed with the state (so a resumed run keeps it)
+    nonce = resumed.nonce if resumed is not None and resumed.nonce else checkpoint.run_nonce()
+    if resumed is not None and not resumed.nonce:
+        log.warning("the interrupted run's state has no run nonce: devices treat this run's requests as new ones")
     try:
-        mech = _mechanisms(s, len(nodes))
+        mech = _mechanisms(s, len(nodes), nonce)
     except ValueError as err:
         raise RuntimeError(f"the privacy settings cannot run: {err}") from None
     sample, user = mech.sample, mech.user
@@ -183,7 +201,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         """Write the server's private state: the model and accounting of round ``r`` and the rows so far."""
         checkpoint.save(out, checkpoint.ServerState(
             round=r, arrays=arrays.to_torch_state_dict(), rows=[asdict(row) for row in rows],
-            ledger=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config))
+            ledger=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config, nonce=mech.nonce))
 
     def publish(row: RoundRow) -> None:
         torch.save({"round": row.round, "state_dict": arrays.to_torch_state_dict()},
@@ -197,7 +215,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         publish(row)
         return row
 
-    first = 1
+    first, retried = 1, None
     if resumed is None:
         commit(0, [])
         finish(0, time.perf_counter(), None)
@@ -214,6 +232,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             writer.restore(rows)
             finish(resumed.round, time.perf_counter(), None)
         first = resumed.round + 1
+        if resumed.measured and user is not None and user.secure:
+            retried = first  # the interrupted attempt at it may have been decoded (see the loop)
         log.info("resuming after round %d of %d from %s", resumed.round, s.rounds, checkpoint.state_path(out))
     with Progress() as progress:
         bar = progress.add_task("federated rounds", total=s.rounds, completed=first - 1)
@@ -223,9 +243,18 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                 log.warning("budget stop: %s", stopped)
                 break
             started = time.perf_counter()
-            cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, mech.secret.random(COHORT, r))
-            _progress(out, phase="training", round=r, rounds=s.rounds, connected=len(grid.get_node_ids()),
-                      cohort=len(cohort))
+            cohort = sample_cohort(devices.keys, s.clients_per_round, s.sampling, mech.secret.stream(COHORT, r))
+            _progress(out, s.private, phase="training", round=r, rounds=s.rounds,
+                      connected=len(grid.get_node_ids()), expected_cohort=expected, cohort=len(cohort))
+            if r == retried:
+                # distributed noise: devices answer a repeated request with fresh noise (clients/state.py), so the
+                # interrupted attempt's sum, had it been decoded, is a release of its own: charge its cohort for it
+                ledger.charge(cohort)
+                commit(r - 1, writer.rows)
+                stopped = _budget_stop(s, mech, ledger, r)
+                if stopped:
+                    log.warning("budget stop: %s", stopped)
+                    break
             run_round = secure_round if user and user.secure else plain_round
             arrays, outcome, declined = run_round(grid, mech, devices, cohort, arrays, r, s.round_timeout, s.train)
             ledger.charge(k for k in cohort if k not in set(declined))
@@ -238,11 +267,14 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                      "%d failed, %d rejected", r, row.wer, row.epsilon_sample, row.epsilon_user,
                      row.epsilon_user_server, row.clients, row.declined, row.failures, row.rejected)
             progress.update(bar, advance=1, description=f"round {r}: WER {row.wer:.3f}")
-            _progress(out, phase="round done", round=r, rounds=s.rounds, connected=len(grid.get_node_ids()),
-                      cohort=len(cohort), replies=row.clients + row.declined, failures=row.failures,
-                      rejected=row.rejected)
+            _progress(out, s.private, phase="round done", round=r, rounds=s.rounds,
+                      connected=len(grid.get_node_ids()), expected_cohort=expected, cohort=len(cohort),
+                      replies=row.clients + row.declined, failures=row.failures, rejected=row.rejected)
     seed, final = writer.rows[0], writer.rows[-1]
-    _progress(out, phase="finished", round=final.round, rounds=s.rounds)
+    _progress(out, s.private, phase="finished", round=final.round, rounds=s.rounds)
+    seconds = sum(row.seconds for row in writer.rows)
+    # realised figures no epsilon covers: the experimenter's alone (published too without privacy)
+    write_private_summary(checkpoint.private_path(out), {"seconds": seconds, "devices_charged": len(ledger.charged)})
     writer.write_summary({
         "config": s.config,
         "seed_model": _scores(seed),
@@ -250,7 +282,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         "rounds": final.round,
         "resumed_after": resumed.round if resumed else None,
         "stopped_early": stopped,
-        "seconds": sum(row.seconds for row in writer.rows),
+        **({} if s.private else {"seconds": seconds}),
         "federated_evaluation": FEDERATED_EVAL_OFF if s.private else "on",
         "privacy": {
             "randomness": randomness,

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
-from opacus.optimizers.optimizer import _generate_noise
 
 from clients.client_app import DeviceSettings, _train
 from fl import protocol as P
-from fl.config import SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
+from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
@@ -42,16 +42,98 @@ SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------------
-# What an attacker can derive from the config: every seed scheme the code ever used or could use.
+# What an attacker can regenerate: every non-cryptographic generator torch and numpy offer, seeded
+# with anything public (the config, the round, the device key) or with any part of a stream key.
 # ---------------------------------------------------------------------------------------------------
-def _public_generators(purpose: str, seed: int, key: Optional[int], server_round: int) -> list[torch.Generator]:
-    """Generators seeded with values anyone holding the config knows (b1a9959's schemes, and the
-    reproducible derivation for release indices 0..3)."""
+NUMPY_FAMILIES = ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
+
+
+class Seeded:
+    """A generator of one family seeded with ``seed``, drawing Gaussians the way the code would."""
+
+    def __init__(self, family: str, seed: int) -> None:
+        self.family, self.seed = family, seed
+
+    def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False) -> torch.Tensor:
+        shape = tuple(shape)
+        if self.family.startswith("torch"):
+            g = torch.Generator().manual_seed(self.seed)
+            draw = torch.normal(0.0, std, shape, generator=g, dtype=torch.float64 if self.family == "torch64"
+                                else torch.float32)
+        elif self.family == "RandomState":
+            draw = torch.from_numpy(np.random.RandomState(self.seed % 2**32).normal(0.0, std, shape))
+        else:
+            bits = getattr(np.random, self.family)(self.seed)
+            draw = torch.from_numpy(np.random.Generator(bits).normal(0.0, std, shape))
+        return draw.to(dtype)
+
+
+FAMILIES = ("torch", "torch64", "RandomState", *NUMPY_FAMILIES)
+
+
+def key_seeds(key: bytes) -> list[int]:
+    """Every seed an implementation could have taken from a stream key: each 4- and 8-byte window in
+    both byte orders, and the whole key (reduced to 32 and 64 bits)."""
+    seeds = {int.from_bytes(key, "big") % 2**32, int.from_bytes(key, "big") % 2**64}
+    for width in (4, 8):
+        for i in range(len(key) - width + 1):
+            seeds |= {int.from_bytes(key[i:i + width], order) for order in ("big", "little")}
+    return sorted(seeds)
+
+
+def _public_generators(purpose: str, seed: int, key: Optional[int], server_round: int) -> list:
+    """Streams seeded with values anyone holding the config knows: b1a9959's schemes and the
+    reproducible derivation for release indices 0..3 (the positive control), each as every family."""
     candidates = [seed, seed + 7919, seed * 1_000_003 + server_round * 1009 + (key or 0) % 1_000_003]
-    gens = [torch.Generator().manual_seed(c) for c in candidates]
+    gens: list = [Seeded(family, c) for c in candidates for family in FAMILIES]
     owner = "server" if key is None else f"device:{key}"
-    gens += [Secret.from_seed(seed, owner).generator(purpose, i) for i in (server_round, 0, 1, 2, 3)]
+    gens += [Secret.from_seed(seed, owner).stream(purpose, i) for i in (server_round, 0, 1, 2, 3)]
     return gens
+
+
+def search_seeds(observed: torch.Tensor, std: float, bits: int, extra: list[int] = ()) -> list[tuple[str, int]]:
+    """Every (family, seed) whose Gaussians start like ``observed``: torch's generator over all
+    2**bits seeds drawing float32 (as the pre-ChaCha code did) and over 2**(bits - 4) drawing
+    float64, numpy's families over 2**(bits - 6) (2**(bits - 8) for the slow Mersenne Twisters),
+    and ``extra`` seeds in every family. A draw of 16 values (torch's vectorised size) matching to
+    1e-4 relative is a regenerated noise stream."""
+    target = observed.flatten()[:16].double()
+    first, tol = float(target[0]), 1e-4 * abs(float(target[0])) + 1e-6 * std
+    hits = []
+
+    def match(candidate: torch.Tensor) -> bool:
+        return abs(float(candidate[0]) - first) <= tol and bool(
+            torch.allclose(candidate.double(), target, rtol=1e-4, atol=1e-6 * std))
+
+    g = torch.Generator()
+    for dtype, name, count in ((torch.float32, "torch", 2**bits), (torch.float64, "torch64", 2 ** (bits - 4))):
+        for s in range(count):
+            g.manual_seed(s)
+            if match(torch.normal(0.0, std, (16,), generator=g, dtype=dtype)):
+                hits.append((name, s))
+    for family in ("RandomState", *NUMPY_FAMILIES):
+        seeds = range(2 ** (bits - (8 if family in ("RandomState", "MT19937") else 6)))
+        hits += [(family, s) for s in seeds if match(Seeded(family, s).gaussian((16,), std, torch.float64))]
+    for family in FAMILIES:
+        hits += [(family, s) for s in extra if match(Seeded(family, s).gaussian((16,), std, torch.float64))]
+    return hits
+
+
+def test_a_seed_search_finds_torch_seeded_noise_but_never_a_secret_stream():
+    """The attack of the audit, scaled down: 2**20 torch seeds (of 2**32: torch keeps 32 bits of a
+    seed) and every numpy family. It recovers the noise of a torch generator seeded with 64 bits whose
+    low bits are in range -- what the pre-ChaCha code drew -- and nothing of the secret stream,
+    not even with every seed that any part of the stream's key could give."""
+    cfg = UserPrivacyConfig(noise="central", noise_multiplier=2.0, clipping_norm=1.0)
+    user = UserLevel(cfg, devices=4, expected_cohort=4, sampling="fixed", planned_rounds=2)
+    secret = Secret(bytes(range(32)))  # pinned: the test is deterministic
+    release = user.aggregate([], {"w": torch.zeros(64)}, [], secret, server_round=1)["w"] * 4
+    std = 2.0
+    old_seed = (0x9E3779B9 << 32) | 0xBEEF  # 64 bits, low 32 bits in the searched range
+    old = torch.normal(0.0, std, (64,), generator=torch.Generator().manual_seed(old_seed))
+    assert ("torch", 0xBEEF) in search_seeds(old, std, bits=20)  # positive control: the attack works
+    key = secret.stream_key(SERVER_NOISE, 1)
+    assert search_seeds(release, std, bits=20, extra=key_seeds(key)) == []
 
 
 @dataclass
@@ -191,8 +273,8 @@ def test_user_level_noise_and_dp_sgd_noise_are_independent_draws():
     secret = Secret.generate()
     reference = torch.empty(200_000)
     for release in range(3):
-        user = gaussian_noise_like({"w": reference}, 1.0, secret.generator(USER_NOISE, release))["w"]
-        dpsgd = _generate_noise(1.0, reference, generator=secret.generator(DP_SGD_NOISE, release))
+        user = gaussian_noise_like({"w": reference}, 1.0, secret.stream(USER_NOISE, release))["w"]
+        dpsgd = secret.stream(DP_SGD_NOISE, release).gaussian(reference.shape, 1.0)
         corr = float(torch.corrcoef(torch.stack([user, dpsgd]))[0, 1])
         assert abs(corr) < 0.01
 
@@ -206,7 +288,8 @@ def test_secure_mode_trains_in_every_combination(tmp_path, sample, noise):
     cohort = {"central": 0, "local": 1, "distributed": 3}.get(noise or "", 0)
     config = (mechanism.to_config() if sample else {}) | (UserRound(1.0, 1.0, cohort).to_config() if noise else {})
     settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4),
-                              SamplePrivacyConfig(secure_mode=True) if sample else None, user_cfg, seed=SEED)
+                              SamplePrivacyConfig(secure_mode=True) if sample else None, user_cfg, seed=SEED,
+                              policy=DevicePolicy.permissive())  # central included: a device that opted in
     reply = _train(settings, *_message(1, _global(), config), OneDevice(tmp_path, fake_examples(8)),
                    ConformerRecognizer(TINY))
     assert P.ARRAYS in reply.content

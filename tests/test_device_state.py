@@ -76,8 +76,8 @@ def test_a_replayed_commit_is_recorded_once_in_the_round_history(tmp_path):
     assert dev.rounds_trained() == [1]
     dev.commit(Release(round_key(2, _global(1.0)), "e", [(1.0, 0.25, 8)], 1), None, 2, 8, 12, 0.5)
     assert dev.rounds_trained() == [1, 2]
-    assert dev.rounds()[0] == {"round": 1, "round_key": release.round_key, "steps": 8, "utterances": 12,
-                               "seconds": 0.25}
+    assert dev.rounds()[0] == {"round": 1, "round_key": release.round_key, "release": 0, "steps": 8,
+                               "utterances": 12, "seconds": 0.25}
     assert dev.account("rdp").history == [(1.0, 0.25, 8)]  # no account (no sample DP): ledger untouched
 
 

@@ -1,10 +1,14 @@
 """The outbound guard: a reply carries only the model's arrays and the metrics its privacy mode allows."""
 
+import time
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord,
+                      RecordDict)
+from flwr.common.serde import message_to_proto
 
-from clients.guard import OutboundViolation, allowed_metrics, check_reply
+from clients.guard import DeviceError, OutboundViolation, allowed_metrics, check_reply, outbound_guard
 from fl import protocol as P
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserRound
@@ -40,7 +44,11 @@ def test_echo_and_declined_pass_under_privacy(allowed):
     echo = {**(SampleLevel(1.0, 1.0, 0.25, 8).echo() if allowed >= SAMPLE_ECHO else {}),
             **(UserRound(1.0, 1.0, 0, "adaptive").echo() if allowed >= USER_ECHO else {})}
     check_reply(["arrays", "metrics"], _arrays(), MetricRecord({**echo, P.DEVICE_KEY: 12345}), SHAPES, allowed)
-    check_reply(["metrics"], None, MetricRecord({P.DECLINED: 1}), SHAPES, allowed)
+    for code in P.DECLINE_REASONS:
+        check_reply(["metrics"], None, MetricRecord({P.DECLINED: code}), SHAPES, allowed)
+    for value in (0, 7, 1.5, 123456.0):  # a free-form number would be a channel out of the device
+        with pytest.raises(OutboundViolation, match="DECLINE_REASONS"):
+            check_reply(["metrics"], None, MetricRecord({P.DECLINED: value}), SHAPES, allowed)
 
 
 @pytest.mark.parametrize("allowed", [SAMPLE, USER, BOTH], ids=["sample", "user", "both"])
@@ -73,3 +81,113 @@ def test_one_level_s_echo_is_refused_under_the_other_and_without_privacy():
 def test_anything_else_is_refused(keys, arrays, metrics, match):
     with pytest.raises(OutboundViolation, match=match):
         check_reply(keys, arrays, metrics, SHAPES, NONE)
+
+
+# --- nothing free-form leaves a device: errors leave as a fixed code -------------------------------
+
+SECRET = "/home/alice/rec/clip7.wav: 'call my mother'"
+
+
+def _incoming(message_type: str = MessageType.TRAIN) -> Message:
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=message_type)
+    return Message(content=RecordDict({P.CONFIG: ConfigRecord({P.ROUND: 1})}), metadata=meta)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+
+
+def _wire(reply: Message) -> bytes:
+    """The reply as it leaves the device (Flower's own serde)."""
+    return message_to_proto(reply).SerializeToString()
+
+
+def _assert_nothing_of(reply: Message, secret: str) -> None:
+    wire = _wire(reply)
+    words = secret.replace("'", " ").replace(":", " ").replace("/", " ").replace(".", " ").split()
+    for part in [secret, *(w for w in words if len(w) >= 3)]:
+        assert part.encode() not in wire, part
+    assert reply.error.reason == P.DEVICE_ERRORS[reply.error.code]
+    assert not reply.has_content()
+
+
+@pytest.mark.parametrize("message_type,code", [(MessageType.TRAIN, P.ERROR_TRAINING),
+                                               (MessageType.EVALUATE, P.ERROR_EVALUATION),
+                                               (MessageType.QUERY, P.ERROR_FAILED)])
+def test_an_exception_leaves_as_its_fixed_code_and_nothing_of_its_message(message_type, code, caplog):
+    guard = outbound_guard(SHAPES, SAMPLE)
+
+    def app(msg, context):
+        raise FileNotFoundError(SECRET)
+
+    with caplog.at_level("ERROR", logger="clients.guard"):
+        reply = guard(_incoming(message_type), _context(), app)
+    assert reply.has_error() and reply.error.code == code
+    _assert_nothing_of(reply, SECRET)
+    assert reply.metadata.reply_to_message_id == "m1" and reply.metadata.dst_node_id == 0
+    assert SECRET in caplog.text  # logged on the device, for its owner
+
+
+def test_an_error_reply_of_the_app_is_replaced_by_a_fixed_code():
+    guard = outbound_guard(SHAPES, SAMPLE)
+    free_text = lambda msg, context: Message(Error(code=2, reason=f"<class 'OSError'>:<'{SECRET}'>"), reply_to=msg)
+    reply = guard(_incoming(), _context(), free_text)
+    assert reply.error.code == P.ERROR_TRAINING
+    _assert_nothing_of(reply, SECRET)
+
+
+def test_an_outbound_violation_of_the_guard_itself_leaves_as_the_outbound_code():
+    guard = outbound_guard(SHAPES, SAMPLE)
+    leaky = lambda msg, context: Message(RecordDict({P.METRICS: MetricRecord({"clip7-call-my-mother": 1.0})}),
+                                        reply_to=msg)
+    reply = guard(_incoming(), _context(), leaky)
+    assert reply.error.code == P.ERROR_OUTBOUND
+    _assert_nothing_of(reply, "clip7-call-my-mother")
+    raised = lambda msg, context: (_ for _ in ()).throw(OutboundViolation(SECRET))
+    assert guard(_incoming(), _context(), raised).error.code == P.ERROR_OUTBOUND
+
+
+def test_a_device_error_keeps_its_code_and_a_good_reply_passes_untouched():
+    guard = outbound_guard(SHAPES, SAMPLE)
+    refused = lambda msg, context: (_ for _ in ()).throw(DeviceError(P.ERROR_EVALUATION_REFUSED, SECRET))
+    reply = guard(_incoming(MessageType.EVALUATE), _context(), refused)
+    assert reply.error.code == P.ERROR_EVALUATION_REFUSED
+    _assert_nothing_of(reply, SECRET)
+    good = lambda msg, context: Message(RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
+    reply = guard(_incoming(), _context(), good)
+    assert not reply.has_error() and reply.content[P.METRICS][P.DECLINED] == 1
+    with pytest.raises(ValueError):
+        DeviceError(7)  # only the table's codes exist
+
+
+def test_the_error_codes_are_fixed_and_clear_of_flowers_own():
+    from flwr.common.constant import ErrorCode
+
+    flower = {v for k, v in vars(ErrorCode).items() if k.isupper()}
+    assert not flower & set(P.DEVICE_ERRORS)
+    assert P.error_text(P.ERROR_OUTBOUND) == P.DEVICE_ERRORS[P.ERROR_OUTBOUND]
+    assert P.error_text(2) == "Flower error code 2"
+
+
+def test_the_client_app_refuses_evaluation_under_privacy_with_its_code():
+    """The real ClientApp (sample-level DP): an evaluate message gets code 103 and nothing else."""
+    from clients.client_app import DeviceSettings, make_client_app
+    from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
+
+    class NoStore:
+        def data(self, context):
+            raise AssertionError("a refused evaluation must not read the device's recordings")
+
+        def state(self, context):
+            raise AssertionError
+
+        def key(self, context):
+            return 1
+
+    tiny = ModelConfig(n_mels=32, d_model=48, layers=2, heads=2, conv_kernel=7, dropout=0.0)
+    settings = DeviceSettings(tiny, TrainConfig(), SamplePrivacyConfig(), None, seed=0)
+    app = make_client_app(settings, NoStore())
+    reply = app(_incoming(MessageType.EVALUATE), _context())
+    assert reply.has_error() and reply.error.code == P.ERROR_EVALUATION_REFUSED
+    assert reply.error.reason == P.DEVICE_ERRORS[P.ERROR_EVALUATION_REFUSED]

@@ -1,8 +1,8 @@
 """Sample-level DP-SGD: every step is a counted mechanism call, noise comes from the device's secret,
 the account composes, and server and device agree on one mechanism."""
 
+import copy
 import math
-import random
 
 import dp_accounting
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 from fl.config import SamplePrivacyConfig, TrainConfig
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
-from fl.privacy.randomness import Secret
+from fl.privacy.randomness import Secret, Stream
 from fl.privacy.sample import SampleAccount, SampleLevel, poisson_batch
 from tests.conftest import TINY
 
@@ -73,7 +73,7 @@ def test_reported_epsilon_matches_dp_accounting(examples, tokenizer):
 
 
 def test_poisson_batch_rate_is_right():
-    rng = random.Random(0)
+    rng = Secret.from_seed(0, "test").stream("coins")
     sizes = [len(poisson_batch(100, 0.1, rng)) for _ in range(400)]
     assert abs(sum(sizes) / len(sizes) - 10.0) < 0.5
     assert len(set(sizes)) > 5  # the batch size varies: not fixed-size sampling
@@ -120,3 +120,88 @@ def test_an_echo_that_is_not_a_scalar_is_refused():
     sent = SampleLevel(1.0, 1.0, 0.25, 8)
     with pytest.raises(ValueError):
         sent.check_echo({**sent.echo(), "sample-z": [1.0]})
+
+
+def test_the_stream_noise_step_is_opacus_own_step_given_the_same_noise(monkeypatch):
+    """``StreamNoiseDPOptimizer`` replaces only where the noise comes from: fed the noise it drew,
+    Opacus' own ``DPOptimizer`` makes the identical step (clipping, sum, scaling, AdamW)."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from fl.privacy.sample import StreamNoiseDPOptimizer
+
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    drawn: list[torch.Tensor] = []
+    stream = Secret(bytes(32)).stream("dp-sgd-noise", 0)
+    original = stream.gaussian
+
+    def recording(*args, **kwargs):
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(stream, "gaussian", recording)
+
+    def step(make):
+        model = GradSampleModule(copy.deepcopy(template))
+        opt = make(torch.optim.AdamW(model.parameters(), lr=0.1))
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    kw = dict(noise_multiplier=1.3, max_grad_norm=0.5, expected_batch_size=8)
+    ours = step(lambda o: StreamNoiseDPOptimizer(o, stream=stream, **kw))
+    assert len(drawn) == 4 and all(d.abs().sum() > 0 for d in drawn)
+    replay, stds = iter(drawn), []
+
+    def opacus_noise(std, reference, **_):
+        stds.append(std)
+        return next(replay)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", opacus_noise)
+    theirs = step(lambda o: DPOptimizer(o, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert stds == [1.3 * 0.5] * 4 and float(torch.cat([d.flatten() for d in drawn]).std()) == pytest.approx(
+        0.65, rel=0.5)  # our draws have Opacus' std (4 small tensors: a loose check of scale)
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", lambda std, reference, **_: torch.zeros_like(reference))
+    noiseless = step(lambda o: DPOptimizer(o, **kw))
+    assert not all(torch.equal(a, b) for a, b in zip(ours, noiseless))  # the noise was really added
+
+
+def test_every_bit_of_the_key_changes_the_noise_and_the_coins():
+    """Flip any of 64 bits spread over the 256-bit stream key, high and low: the Gaussians and the
+    Poisson coins both change (nothing is drawn from part of the key), and so for the secret."""
+    key = bytes(range(100, 132))
+    base = Stream(key)
+    noise, coins = base.gaussian((32,), 1.0), base.coins(256, 0.5)
+    secret = Secret(key)
+    for bit in range(0, 256, 4):
+        flipped = bytearray(key)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        other = Stream(bytes(flipped))
+        assert not torch.equal(other.gaussian((32,), 1.0), noise), bit
+        assert other.coins(256, 0.5) != coins, bit
+        assert Secret(bytes(flipped)).stream_key("dp-sgd-noise", 0) != secret.stream_key("dp-sgd-noise", 0)
+
+
+def test_stream_draws_have_the_right_distributions():
+    stream = Secret(bytes(32)).stream("test")
+    u = stream.uniform(200_000)
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.003
+    z = stream.gaussian((200_000,), 1.5, torch.float64)
+    assert float(z.std()) == pytest.approx(1.5, rel=0.01) and abs(float(z.mean())) < 0.012
+    assert float((z.abs() > 1.96 * 1.5).double().mean()) == pytest.approx(0.05, abs=0.003)
+    kurtosis = float(((z / z.std()) ** 4).mean())
+    assert kurtosis == pytest.approx(3.0, abs=0.06)  # Gaussian tails, not uniform or Laplace
+    secure = stream.gaussian((200_000,), 1.5, torch.float64, secure=True)
+    assert float(secure.std()) == pytest.approx(1.5, rel=0.01)
+    chosen = stream.choose(list(range(10)), 4)
+    assert len(set(chosen)) == 4 and chosen == sorted(chosen)
+    with pytest.raises(ValueError):
+        stream.choose([1, 2], 3)
+    # the same key replays the same values; draws continue the keystream
+    a, b = Secret(bytes(32)).stream("x"), Secret(bytes(32)).stream("x")
+    first = a.gaussian((5,), 1.0)
+    assert torch.equal(first, b.gaussian((5,), 1.0)) and not torch.equal(first, a.gaussian((5,), 1.0))

@@ -16,9 +16,15 @@ from fl.privacy.gaussian import (
     per_layer_clip,
     update_norm,
 )
+from fl.privacy.randomness import Secret, Stream
 from fl.privacy.user import UserRound
 
 SHAPES = {"enc.weight": (17, 9), "enc.bias": (17,), "head.weight": (5, 3, 4), "scale": ()}
+
+
+def _stream(seed: int) -> Stream:
+    """A pinned secret stream (tests only: a fixed key)."""
+    return Secret.from_seed(seed, "test").stream("noise")
 
 
 def _update(seed: int, dtype=torch.float32, scale: float = 1.0, heavy: bool = False) -> dict:
@@ -124,7 +130,7 @@ def test_per_layer_clipping_bounds_every_layer_and_the_total(weighted):
 def test_gaussian_noise_has_the_requested_std():
     ref = {"a": torch.zeros(200, 250), "b": torch.zeros(50_000, dtype=torch.float64)}
     for secure in (False, True):
-        noise = gaussian_noise_like(ref, 0.7, torch.Generator().manual_seed(0), secure=secure)
+        noise = gaussian_noise_like(ref, 0.7, _stream(0), secure=secure)
         flat = torch.cat([t.double().flatten() for t in noise.values()])
         assert flat.numel() == 100_000
         assert float(flat.std()) == pytest.approx(0.7, rel=0.02)
@@ -134,24 +140,24 @@ def test_gaussian_noise_has_the_requested_std():
         }
 
 
-def test_noise_is_a_function_of_the_generator_in_both_modes():
+def test_noise_is_a_function_of_the_stream_in_both_modes():
     ref = {"w": torch.zeros(64, dtype=torch.bfloat16), "v": torch.zeros(3, 3)}
     for secure in (False, True):
-        a = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=secure)
-        b = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=secure)
-        c = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(6), secure=secure)
+        a = gaussian_noise_like(ref, 1.0, _stream(5), secure=secure)
+        b = gaussian_noise_like(ref, 1.0, _stream(5), secure=secure)
+        c = gaussian_noise_like(ref, 1.0, _stream(6), secure=secure)
         assert all(torch.equal(a[k], b[k]) for k in ref) and not torch.equal(a["v"], c["v"])
-    plain = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5))
-    secure = gaussian_noise_like(ref, 1.0, torch.Generator().manual_seed(5), secure=True)
+    plain = gaussian_noise_like(ref, 1.0, _stream(5))
+    secure = gaussian_noise_like(ref, 1.0, _stream(5), secure=True)
     assert not torch.equal(plain["v"], secure["v"])  # the mitigation draws differently
-    assert all(not t.any() for t in gaussian_noise_like(ref, 0.0, torch.Generator()).values())
+    assert all(not t.any() for t in gaussian_noise_like(ref, 0.0, _stream(0)).values())
     with pytest.raises(ValueError, match="std"):
-        gaussian_noise_like(ref, -1.0, torch.Generator())
+        gaussian_noise_like(ref, -1.0, _stream(0))
 
 
 def test_noise_norm_bound_holds_for_honest_noise_and_is_not_loose():
     std, numel = 0.3, 10_000
-    g = torch.Generator().manual_seed(0)
+    g = _stream(0)
     norms = [update_norm(gaussian_noise_like({"x": torch.zeros(numel)}, std, g)) for _ in range(50)]
     bound = noise_norm_bound(std, numel)
     assert max(norms) < bound < 1.1 * std * math.sqrt(numel)
@@ -164,7 +170,7 @@ def test_noise_placements_give_the_same_noise_on_the_sum():
     assert UserRound(z, c, 1).device_std == pytest.approx(z * c)
     assert UserRound(z, c, m).device_std * math.sqrt(m) == pytest.approx(z * c)
     # Empirically: the sum of the cohort's distributed shares has std z*C.
-    g = torch.Generator().manual_seed(3)
+    g = _stream(3)
     share = UserRound(z, c, m).device_std
     total = sum(gaussian_noise_like({"x": torch.zeros(20_000)}, share, g)["x"] for _ in range(m))
     assert float(total.std()) == pytest.approx(z * c, rel=0.03)
@@ -180,7 +186,7 @@ def _quiet(start: float = 1.0, **kw) -> AdaptiveClipNorm:
 
 
 def test_adaptive_clip_moves_against_the_fraction_below():
-    g = torch.Generator().manual_seed(0)
+    g = _stream(0)
     below = _quiet(target_quantile=0.5, learning_rate=0.2)
     assert below.update(3.0, 3, g, reports=3) == pytest.approx(math.exp(-0.2 * 0.5))
     above = _quiet(target_quantile=0.5, learning_rate=0.2)
@@ -198,7 +204,7 @@ def test_adaptive_clip_moves_against_the_fraction_below():
 def test_adaptive_clip_converges_to_the_target_quantile(quantile, start):
     dist = torch.distributions.LogNormal(0.0, 0.5)
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+    g = _stream(0)
     clip = AdaptiveClipNorm(start, target_quantile=quantile, learning_rate=0.2, count_noise_multiplier=1.0)
     for _ in range(100):
         norms = dist.sample((500,))
@@ -207,11 +213,11 @@ def test_adaptive_clip_converges_to_the_target_quantile(quantile, start):
     assert clip.clip_norm == pytest.approx(true_quantile, rel=0.1)
 
 
-def test_adaptive_clip_count_noise_comes_from_the_generator():
+def test_adaptive_clip_count_noise_comes_from_the_stream():
     a = AdaptiveClipNorm(1.0, count_noise_multiplier=5.0)
     b = AdaptiveClipNorm(1.0, count_noise_multiplier=5.0)
-    ca = a.update(10.0, 20, torch.Generator().manual_seed(1), reports=20)
-    cb = b.update(10.0, 20, torch.Generator().manual_seed(1), reports=20)
+    ca = a.update(10.0, 20, _stream(1), reports=20)
+    cb = b.update(10.0, 20, _stream(1), reports=20)
     assert ca == cb != 1.0  # noiseless it would stay at 1.0 (fraction 1/2 = target)
     with pytest.raises(ValueError, match="count_noise_multiplier"):
         AdaptiveClipNorm(1.0, count_noise_multiplier=0.0)  # a noiseless count would release the bits' sum exactly

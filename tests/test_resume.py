@@ -28,6 +28,7 @@ from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.sample import SampleLevel
 from server import checkpoint
+from server.results import read_private_rounds
 from tests.conftest import ROOT, TINY, fake_examples, simulate
 
 # Two rounds of four devices on two actors; every device sleeps 1 s before training, so a kill
@@ -98,7 +99,7 @@ def test_a_repeated_round_that_would_differ_is_declined_and_the_first_stays_coun
     assert P.ARRAYS in first.content
     store.examples = fake_examples(12, seed=1)  # the device's recordings changed since it answered round 1
     again = _train(settings, *_message(1, arrays), store, tok)
-    assert P.ARRAYS not in again.content and dict(again.content[P.METRICS]) == {P.DECLINED: 1}
+    assert P.ARRAYS not in again.content and dict(again.content[P.METRICS]) == {P.DECLINED: P.DECLINED_REPLAY_DIFFERS}
     assert _steps(tmp_path) == 2  # the first release stays counted, once
     assert DeviceState(tmp_path).release().round_key == round_key(1, arrays)
 
@@ -151,6 +152,11 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("seconds", "device_seconds")} for row in rows]
 
 
+def _realised(run: Path) -> list[dict]:
+    """The rounds' realised counts (the server's private folder), without their wall times."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_private_rounds(run)]
+
+
 def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(tmp_path, sim_cache):
     whole = simulate(tmp_path / "whole", sim_cache, *RUN) / "run"
     cut = tmp_path / "cut" / "run"
@@ -169,6 +175,7 @@ def test_a_run_killed_mid_round_resumes_to_the_results_of_an_uninterrupted_run(t
     assert "resuming after round 1 of 2" in (tmp_path / "cut" / "stdout.txt").read_text() + \
         "".join(p.read_text() for p in cut.glob("*.log"))
     assert _rows(cut) == _rows(whole) and len(_rows(cut)) == 3
+    assert _realised(cut) == _realised(whole) and len(_realised(cut)) == 3  # the private file is restored too
     a = torch.load(whole / "checkpoints" / "round-002.pt", weights_only=False)["state_dict"]
     b = torch.load(cut / "checkpoints" / "round-002.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)

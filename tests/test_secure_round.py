@@ -255,3 +255,28 @@ def test_masks_are_keyed_by_the_whole_seed_and_installed_on_both_sides():
     for name in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
                  "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
         assert importlib.import_module(name).pseudo_rand_gen is chacha_masks
+
+
+def test_a_failure_under_secagg_leaves_as_a_fixed_code_only():
+    """An exception below the secure mods (the inner guard's error, the adapter's, the protocol's)
+    reaches the server as a code of ``fl.protocol.DEVICE_ERRORS`` with its fixed text, nothing else."""
+    from flwr.common.serde import message_to_proto
+
+    from clients.secure_app import secure_outbound_guard
+
+    secret = "/home/alice/rec/clip7.wav: 'call my mother'"
+    inner = outbound_guard(SHAPES, ALLOWED)
+
+    def train(m: Message, c: Context) -> Message:
+        raise OSError(secret)
+
+    outer = secure_outbound_guard(SHAPES, ALLOWED)
+    for below, code in ((lambda m, c: fitres_adapter(m, c, lambda m2, c2: inner(m2, c2, train)), P.ERROR_TRAINING),
+                        (lambda m, c: fitres_adapter(m, c, lambda m2, c2: Message(RecordDict(
+                            {P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=m2)), P.ERROR_SECURE_LEFT),
+                        (lambda m, c: (_ for _ in ()).throw(ValueError(secret)), P.ERROR_TRAINING)):
+        msg, context = _collect_stage_message(3)
+        reply = outer(msg, context, below)
+        assert reply.has_error() and reply.error.code == code and reply.error.reason == P.DEVICE_ERRORS[code]
+        wire = message_to_proto(reply).SerializeToString()
+        assert b"alice" not in wire and b"mother" not in wire and b"clip7" not in wire

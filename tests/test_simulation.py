@@ -7,22 +7,44 @@ import dp_accounting
 import pytest
 from opacus.accountants import RDPAccountant
 
-ROW_KEYS = {"round", "wer", "cer", "loss", "clients", "rejected", "epsilon_sample", "epsilon_user",
-            "epsilon_user_server", "delta", "extrapolated", "randomness", "seconds"}
+# exactly what a published row holds under privacy=sample: no realised count, no wall time
+ROW_KEYS = {"round", "wer", "cer", "raw_wer", "loss", "loops_cut", "epsilon_sample", "epsilon_user",
+            "epsilon_user_server", "delta", "delta_user", "extrapolated", "randomness", "expected_cohort"}
 
 
 def test_results_have_a_row_per_round(smoke_run):
     rows = [json.loads(x) for x in (smoke_run / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert ROW_KEYS <= set(r)
+        assert set(r) == ROW_KEYS
         assert 0.0 <= r["wer"] and 0.0 <= r["cer"]
     assert rows[0]["epsilon_sample"] == 0.0  # the seed model: nothing spent yet
-    assert rows[1]["clients"] == rows[2]["clients"] == 4
+    assert [r["expected_cohort"] for r in rows] == [0, 4, 4]  # public config, not the realised cohort
     assert 0 < rows[1]["epsilon_sample"] < rows[2]["epsilon_sample"]
     assert rows[2]["epsilon_user"] is None
     assert rows[2]["delta"] == 1e-5 and rows[2]["randomness"] == "secret" and rows[2]["extrapolated"] is False
-    assert all(r["device_wer"] is None for r in rows)  # no federated evaluation under privacy
+
+
+def test_published_outputs_hold_only_covered_values_and_the_realised_ones_stay_private(smoke_run):
+    """The output inventory of a privacy=sample run (docs/privacy.md's observer table)."""
+    from server.results import PRIVATE_FIELDS, PUBLISHED_UNDER_PRIVACY, read_private_rounds
+    from server.server_app import PROGRESS_UNDER_PRIVACY
+
+    run = smoke_run / "run"
+    assert ROW_KEYS == PUBLISHED_UNDER_PRIVACY
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["phase"] == "finished" and set(progress) <= PROGRESS_UNDER_PRIVACY  # no counts, no time
+    summary = json.loads((run / "summary.json").read_text())
+    assert not {"simulation_eval", "seconds"} & set(summary)
+    assert "devices_charged" not in summary["privacy"]["sample"]
+    private = read_private_rounds(run)  # the experimenter's own: private/, owner-only
+    assert [r["round"] for r in private] == [0, 1, 2] and all(set(r) == set(PRIVATE_FIELDS) for r in private)
+    assert [(r["clients"], r["declined"], r["failures"], r["rejected"]) for r in private[1:]] == [(4, 0, 0, 0)] * 2
+    assert all(r["seconds"] > 0 for r in private)
+    totals = json.loads((run / "private" / "summary-private.json").read_text())
+    assert totals["devices_charged"] == 4 and totals["seconds"] == pytest.approx(sum(r["seconds"] for r in private))
+    view = json.loads((run / "experimenter_view.json").read_text())
+    assert view["label"] == "experimenter view, not covered by DP" and set(view) == {"label", "simulation_eval"}
 
 
 def test_summary_epsilon_is_recomputable_from_its_fields(smoke_run):
@@ -47,13 +69,15 @@ def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
     private = run / "private"
-    assert {p.name for p in private.iterdir()} == {"server-secret", "server-state.pt", "server.lock"}
+    owner_only = ("server-secret", "server-state.pt", "rounds-private.jsonl", "summary-private.json")
+    assert {p.name for p in private.iterdir()} == {*owner_only, "server.lock"}
     assert private.stat().st_mode & 0o777 == 0o700
-    assert all((private / name).stat().st_mode & 0o777 == 0o600 for name in ("server-secret", "server-state.pt"))
+    assert all((private / name).stat().st_mode & 0o777 == 0o600 for name in owner_only)
     out = (smoke_run / "stdout.txt").read_text()
-    assert "seed (public only)" in out and "epsilon" in out
+    assert "seed (public only)" in out and "epsilon" in out and "experimenter_view.json" in out
     summary = json.loads((run / "summary.json").read_text())
-    sim = summary["simulation_eval"]  # the experimenter's view of the devices' test splits, labelled as such
+    # the experimenter's view of the devices' test splits: beside the summary, labelled as such
+    sim = json.loads((run / "experimenter_view.json").read_text())["simulation_eval"]
     assert sim["utterances"] > 0 and sim["final"]["device_wer"] is not None and "experimenter" in sim["observer"]
     assert summary["federated_evaluation"].startswith("off")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fl.privacy.accounting import UserLevelSpec, user_level_epsilon
-from server.results import read_results
+from server.results import read_private_rounds, read_results
 from tests.conftest import simulate
 
 
@@ -24,18 +24,20 @@ def test_budget_stops_the_run_before_the_round_that_would_exceed_it(private_run)
 def test_devices_whose_replies_were_lost_still_have_their_spend_counted(private_run):
     rows = read_results(private_run)
     trained = rows[1:]
-    assert all(r["clients"] == 0 for r in trained)  # every training reply was lost ...
-    assert sum(r["failures"] for r in trained) > 0
+    realised = read_private_rounds(private_run)[1:]  # the counts are the experimenter's alone under DP
+    assert all(r["clients"] == 0 for r in realised)  # every training reply was lost ...
+    assert sum(r["failures"] for r in realised) > 0
     assert trained[-1]["epsilon_sample"] > 0  # ... yet the server charged the devices it had asked to train
     sample = json.loads((private_run / "summary.json").read_text())["privacy"]["sample"]
-    assert sample["max_rounds"] == len(trained) and sample["devices_charged"] == 4
+    assert sample["max_rounds"] == len(trained)
+    assert json.loads((private_run / "private" / "summary-private.json").read_text())["devices_charged"] == 4
+    assert all("clients" not in r and "failures" not in r for r in rows)  # published rows: no realised counts
 
 
 def test_distributed_noise_runs_under_secure_aggregation(tmp_path_factory, sim_cache):
     run = simulate(tmp_path_factory.mktemp("distributed"), sim_cache, "privacy=user",
                    "privacy.user.noise=distributed", "federation.sampling=fixed", "federation.rounds=2") / "run"
-    rows = read_results(run)
-    assert [r["clients"] for r in rows[1:]] == [4, 4]
+    assert [r["clients"] for r in read_private_rounds(run)[1:]] == [4, 4]
     user = json.loads((run / "summary.json").read_text())["privacy"]["user"]
     assert user["noise"] == "distributed" and user["rounds"] == 2
     spec = UserLevelSpec(user["noise_multiplier"], user["sampling_rate"], 2, user["delta"], "fixed", user["accountant"])
@@ -54,7 +56,7 @@ def test_rounds_complete_with_the_devices_that_did_not_crash(faulty_run):
     from clients.simulated import state_dir
     from clients.state import DeviceState
 
-    rows = read_results(faulty_run)[1:]
+    rows = read_private_rounds(faulty_run)[1:]
     assert [r["clients"] + r["failures"] for r in rows] == [4, 4]  # every sampled device answered or failed
     assert sum(r["failures"] for r in rows) > 0 and all(r["clients"] > 0 for r in rows)
     fleet = str(faulty_run / "fleet")
@@ -100,7 +102,7 @@ def test_local_noise_reports_what_the_server_learns_beside_the_models_epsilon(lo
     rows = read_results(local_run)
     assert rows[-1]["epsilon_user_server"] == pytest.approx(user["epsilon_server"])
     assert rows[0]["randomness"] == "secret"
-    assert [r["clients"] for r in rows[1:]] == [4, 4]  # secure mode trained at both levels on every device
+    assert [r["clients"] for r in read_private_rounds(local_run)[1:]] == [4, 4]  # secure mode, both levels
 
 
 def test_the_experimenters_evaluation_reads_the_devices_the_last_federated_evaluation_would_ask(local_run):
@@ -108,7 +110,9 @@ def test_the_experimenters_evaluation_reads_the_devices_the_last_federated_evalu
     from fl.train import evaluation_devices
 
     summary = json.loads((local_run / "summary.json").read_text())
-    sim = summary["simulation_eval"]
+    view = json.loads((local_run / "experimenter_view.json").read_text())
+    assert "simulation_eval" not in summary and view["label"] == "experimenter view, not covered by DP"
+    sim = view["simulation_eval"]
     chosen = evaluation_devices(range(4), 3, summary["config"]["seed"], summary["rounds"])
     assert sim["devices"] == len(chosen) == 3
     assert sim["utterances"] == sum(len(load_device(str(local_run / "fleet"), pid).test) for pid in chosen)

@@ -2,7 +2,6 @@
 (UserLevel: re-clipping, averaging, noise, checks of replies, accounting over the recorded history)."""
 
 import math
-import random
 
 import dp_accounting
 import pytest
@@ -249,7 +248,7 @@ def test_a_cohort_larger_than_the_devices_is_refused():
 
 
 def test_cohort_sampling():
-    rng = random.Random(0)
+    rng = Secret.from_seed(0, "test").stream("coins")
     nodes = list(range(100))
     sizes = [len(sample_cohort(nodes, 10, "poisson", rng)) for _ in range(300)]
     assert abs(sum(sizes) / 300 - 10) < 0.6 and len(set(sizes)) > 4

@@ -10,10 +10,16 @@ Schemes:
 
 Everything is a function of the utterances (order-independent: they are sorted by id first) and the
 seed, so the same config and seed give the same devices.
+
+A device's train/test split (:func:`split_device`) is decided per recording by a keyed hash of its
+id, so adding or removing a recording never moves another. The key is :func:`split_key` of the seed
+and device id in simulation, and a deployed device's own secret on the device.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from collections.abc import Sequence
 
@@ -24,6 +30,7 @@ from fl.data.records import Utterance, group_by_speaker
 log = logging.getLogger(__name__)
 
 SCHEMES = ("speaker", "iid", "dirichlet")
+_MIN_KEY_BYTES = 16  # a split key shorter than this is a mistake (both real keys are 32 bytes)
 
 
 def partition(
@@ -128,32 +135,52 @@ def _dirichlet(
     return {dev: sorted(bucket, key=lambda u: u.id) for dev, bucket in zip(ids, buckets)}
 
 
-def split_device(
-    utterances: Sequence[Utterance], test_fraction: float, seed: int, min_test: int = 1
-) -> tuple[list[Utterance], list[Utterance]]:
-    """One device's data -> (train, test), each sorted by id; the same inputs give the same split.
+def split_key(seed: int, device: str) -> bytes:
+    """The key of a *simulated* device's train/test split: SHA-256 of the config seed and device id.
 
-    The test set holds ``round(test_fraction * n)`` utterances, at least ``min_test``, and never
-    all of them: at least one utterance is always left for training.
+    In simulation the split is data preparation, not DP randomness, so it is public and reproducible
+    from the config (the same seed and device give the same split). A deployed device keys its split
+    with its own secret instead (``clients/local.py``), so nobody else can choose or predict which of
+    its recordings are test.
+    """
+    return hashlib.sha256(f"unheard-split:{seed}:{device}".encode()).digest()
+
+
+def split_device(
+    utterances: Sequence[Utterance], test_fraction: float, key: bytes
+) -> tuple[list[Utterance], list[Utterance]]:
+    """One device's data -> (train, test), each sorted by id: one independent rule per recording.
+
+    A recording is test iff the first 8 bytes of HMAC-SHA256(``key``, its id as UTF-8), read as a
+    big-endian integer over 2**64, are below ``test_fraction``. Guarantee: which side a recording
+    falls on is a function of its id and the key only, so adding or removing one recording never
+    moves another (the per-recording DP guarantee stays per recording, not a group bound). Each
+    recording is test with probability ``test_fraction`` over keys, independently of the others; no
+    count is adjusted afterwards (that would couple recordings again), so a device may get no test
+    recordings, or, with few recordings, no training ones (callers treat that as a device with no
+    usable training recordings).
+
+    ``key``: :func:`split_key` in simulation; a deployed device's secret-derived key
+    (``Secret.stream_key(SPLIT)``).
 
     Raises:
-        ValueError: ``test_fraction`` outside [0, 1), ``min_test`` < 0, or fewer than
-            ``min_test + 1`` utterances.
+        TypeError: ``key`` is not ``bytes``.
+        ValueError: ``test_fraction`` outside [0, 1), or ``key`` shorter than 16 bytes.
     """
+    if not isinstance(key, bytes):
+        raise TypeError(f"the split key must be bytes, got {type(key).__name__}")
+    if len(key) < _MIN_KEY_BYTES:
+        raise ValueError(f"the split key must be at least {_MIN_KEY_BYTES} bytes, got {len(key)}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    if min_test < 0:
-        raise ValueError(f"min_test must be >= 0, got {min_test}")
-    n = len(utterances)
-    if n < min_test + 1:
-        raise ValueError(
-            f"a device with {n} utterance(s) cannot hold out min_test={min_test} for testing and "
-            "keep one for training; lower min_test or give the device more data"
-        )
-    n_test = min(max(min_test, round(test_fraction * n)), n - 1)
-    utts = sorted(utterances, key=lambda u: u.id)
-    order = np.random.default_rng(seed).permutation(n)
-    test_idx = set(order[:n_test].tolist())
-    train = [u for i, u in enumerate(utts) if i not in test_idx]
-    test = [u for i, u in enumerate(utts) if i in test_idx]
+    train: list[Utterance] = []
+    test: list[Utterance] = []
+    for u in sorted(utterances, key=lambda u: u.id):
+        (test if _split_point(key, u.id) < test_fraction else train).append(u)
     return train, test
+
+
+def _split_point(key: bytes, utterance_id: str) -> float:
+    """HMAC-SHA256(key, id)'s first 8 bytes as a number in [0, 1): where the recording falls."""
+    digest = hmac.new(key, utterance_id.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -22,7 +22,7 @@ from fl.config import DataConfig
 from fl.data.embedded import build_embedded_corpus
 from fl.data.features import Example, featurize
 from fl.data.fleet import DeviceData
-from fl.data.partition import partition, split_device
+from fl.data.partition import partition, split_device, split_key
 from fl.data.readers import Problem, read_corpus
 from fl.data.records import Utterance, group_by_speaker
 from fl.model import Recognizer
@@ -191,7 +191,9 @@ def prepare_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> Prepared
         if len(utts) < 2:
             problems.append(Problem(device_id, "device has fewer than 2 usable utterances: left out"))
             continue
-        train, test = split_device(utts, cfg.test_fraction, seed)
+        train, test = split_device(utts, cfg.test_fraction, split_key(seed, device_id))
+        if not train:  # kept, as a deployed device with no training recordings: declines, or noise alone under DP
+            log.warning("device %s: all %d utterances fell in its test split: none to train on", device_id, len(utts))
         devices[device_id] = DeviceData(device_id, [kept[u.id] for u in train], [kept[u.id] for u in test])
     log.info(
         "data: %d public train / %d public dev utterances, %d devices, %d held-out utterances, %d problems",

@@ -2,7 +2,7 @@
 
 Guarantees stated by each function: ``clip_update`` and ``per_layer_clip`` bound an update's L2
 norm exactly (float rounding included), ``gaussian_noise_like`` draws i.i.d. N(0, std^2) from the
-generator it is given (a secret stream, ``fl/privacy/randomness.py``), ``noise_norm_bound`` bounds
+ChaCha20 stream it is given (a secret stream, ``fl/privacy/randomness.py``), ``noise_norm_bound`` bounds
 the norm of such noise but for a stated probability, and ``AdaptiveClipNorm`` moves the clip
 norm from a noised count of clip bits. The user-level mechanism that composes them,
 and the guarantee it gives, is ``fl/privacy/user.py``.
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor
+
+from fl.privacy.randomness import Stream
 
 log = logging.getLogger(__name__)
 _EPS64 = torch.finfo(torch.float64).eps
@@ -150,25 +151,17 @@ def per_layer_clip(
     return clipped, norms
 
 
-def gaussian_noise_like(
-    delta: Mapping[str, Tensor], std: float, generator: torch.Generator, secure: bool = False,
-) -> dict[str, Tensor]:
+def gaussian_noise_like(delta: Mapping[str, Tensor], std: float, stream: Stream, secure: bool = False
+                        ) -> dict[str, Tensor]:
     """I.i.d. N(0, std^2) noise shaped like ``delta`` (same names, shapes, dtypes, devices).
 
-    Samples are drawn in float32 (float64 for float64 tensors; Opacus' secure sampling draws
-    float32 whatever the dtype) on the generator's device (a secret stream, ``Secret.generator``)
-    and then moved. ``secure=True`` uses Opacus' floating-point-attack-resistant sampling
-    (``_generate_noise(secure_mode=True)``: a sum of four Gaussians, halved) from the same generator.
+    Drawn from ``stream`` (a secret ChaCha20 stream, ``Secret.stream``) in float64, tensor by
+    tensor in the mapping's order, then rounded to each tensor's dtype. ``secure=True`` adds
+    Opacus' floating-point-attack mitigation (a sum of four Gaussians, halved).
     """
     check_nonnegative("noise std", std)
     check_floating(delta)
-    out: dict[str, Tensor] = {}
-    for name, t in delta.items():
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        reference = torch.empty(t.shape, dtype=dtype, device=generator.device)
-        noise = _generate_noise(std, reference, generator=generator, secure_mode=secure)
-        out[name] = noise.to(device=t.device, dtype=t.dtype)
-    return out
+    return {name: stream.gaussian(t.shape, std, t.dtype, t.device, secure) for name, t in delta.items()}
 
 
 def noise_norm_bound(std: float, numel: int, failure: float = 1e-9) -> float:
@@ -209,7 +202,7 @@ class AdaptiveClipNorm:
         check_nonnegative("learning_rate", self.learning_rate)
         check_positive("count_noise_multiplier", self.count_noise_multiplier)
 
-    def update(self, bits_sum: float, cohort: int, generator: torch.Generator, reports: int) -> float:
+    def update(self, bits_sum: float, cohort: int, stream: Stream, reports: int) -> float:
         """Move the clip norm from one round's bits; returns (and stores) the new ``clip_norm``.
 
         b = (bits_sum - reports/2 + N(0, sigma_b^2)) / cohort + 1/2, then
@@ -217,13 +210,13 @@ class AdaptiveClipNorm:
         ``cohort`` is the public denominator (the expected cohort size); ``reports`` is how many
         bits ``bits_sum`` adds up. Centring on ``reports`` makes b depend on the data only through
         sum(bit_i - 1/2), whose sensitivity is 1/2 -- what ``effective_noise_multiplier`` assumes --
-        also when the cohort size varies. The noise is drawn from ``generator`` (a secret stream).
+        also when the cohort size varies. The noise is drawn from ``stream`` (a secret stream).
         """
         check_int("cohort", cohort, 1)
         check_int("reports", reports, 0)
         if not (math.isfinite(bits_sum) and 0 <= bits_sum <= reports):
             raise ValueError(f"bits_sum {bits_sum!r} is not a sum of {reports} bits")
-        draw = torch.normal(0.0, self.count_noise_multiplier, size=(1,), generator=generator, dtype=torch.float64)
+        draw = stream.gaussian((1,), self.count_noise_multiplier, torch.float64)
         fraction = (bits_sum - reports / 2 + float(draw)) / cohort + 0.5
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         log.debug("adaptive clipping: noisy fraction %.4f, new C %.6g", fraction, self.clip_norm)

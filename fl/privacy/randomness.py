@@ -1,4 +1,4 @@
-"""Secret randomness for every DP draw: a 256-bit secret per party, one independent stream per purpose.
+"""Secret randomness for every DP draw: a 256-bit secret per party, one ChaCha20 stream per purpose.
 
 A DP guarantee holds only against someone who cannot regenerate the noise (or the sampling). So
 every DP draw -- the server's noise and cohorts, a device's DP-SGD noise, Poisson batches,
@@ -8,15 +8,18 @@ the OS CSPRNG (``secrets.token_bytes``), written once to a private file (mode 06
 replay stay bit-identical, and never sent or published.
 
 A stream is named by a purpose and an index (a round, a device release counter): its key is
-HMAC-SHA256(secret, purpose | index). Streams of different purposes or indices are independent
-(HMAC is a PRF); knowing the config, the seed, the models and every other stream tells nothing
-about a stream's key. What the stream feeds:
+HMAC-SHA256(secret, purpose | index), all 256 bits of it. Streams of different purposes or indices
+are independent (HMAC is a PRF); knowing the config, the seed, the models and every other stream
+tells nothing about a stream's key. :meth:`Secret.stream` expands the key with ChaCha20 (RFC 8439,
+from the ``cryptography`` package, as ``fl/privacy/masks.py`` does for SecAgg+ masks) into a
+:class:`Stream`: 53-bit uniforms, coins, samples without replacement and float64 Gaussians (Box-
+Muller). Regenerating a stream means finding its 256-bit key or breaking ChaCha20: no search over
+seeds reproduces it. No DP draw is made by torch's or numpy's generators: they are not
+cryptographic (torch's CPU generator keeps 32 bits of a seed, found in minutes by brute force).
 
-* :meth:`Secret.generator` -- a ``torch.Generator`` seeded with 64 bits of the key (Gaussian
-  noise). Regenerating one stream's noise means searching 2**64 seeds for that single stream;
-  with ``secure_mode`` the samples are also drawn with Opacus' floating-point-attack mitigation.
-* :meth:`Secret.random` -- a ``random.Random`` seeded with the whole 256-bit key (Poisson
-  batches, cohorts).
+``secure=True`` Gaussians add Opacus' floating-point-attack mitigation (Holohan & Braghin 2021,
+section 5.1, as ``opacus.optimizers.optimizer._generate_noise(secure_mode=True)``): each sample
+is the sum of four independent N(0, std^2) draws, halved.
 
 ``reproducible`` secrets (``privacy.reproducible=true``, simulation only) are derived from the
 config seed instead: exact reruns for research, and *no protection against anyone who holds the
@@ -27,13 +30,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
-import random
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence, TypeVar
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 SECRET_BYTES = 32
 REPRODUCIBLE_LABEL = "reproducible noise: no protection against anyone holding the config"
@@ -48,6 +54,86 @@ BATCHES = "batches"  # Poisson sampling of each DP-SGD step's batch
 USER_NOISE = "user-noise"  # the device's share of user-level noise (local, distributed)
 CLIP_BIT = "clip-bit"  # noise on the device's adaptive-clipping bit (local, distributed)
 TRAINING = "training"  # everything else on the device that is random (dropout, plain batches)
+SPLIT = "split"  # a deployed device's train/test assignment of each recording (keyed, not drawn)
+
+_TWO53 = float(2**53)
+_NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce, all zero: one key per stream
+T = TypeVar("T")
+
+
+class Stream:
+    """One stream of secret randomness: the ChaCha20 keystream of a 256-bit key.
+
+    Guarantee: every value drawn is a deterministic function of the whole key (flip any bit and the
+    stream changes), and without the key the values are indistinguishable from uniform randomness
+    to anyone who cannot break ChaCha20. Draws consume the keystream in order, so the same calls on
+    the same key return the same values (resume and replay are exact). Gaussians are computed in
+    float64 from 53-bit uniforms and rounded to the requested dtype at the end.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != SECRET_BYTES:
+            raise ValueError(f"a stream key is {SECRET_BYTES} bytes, got {len(key)}")
+        self._cipher = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
+
+    def __repr__(self) -> str:  # never print the key
+        return "Stream()"
+
+    def words(self, n: int) -> np.ndarray:
+        """``n`` uniform 64-bit words (little-endian keystream)."""
+        if n < 0:
+            raise ValueError(f"cannot draw {n} words")
+        return np.frombuffer(self._cipher.update(bytes(8 * n)), dtype="<u8")
+
+    def uniform(self, n: int) -> np.ndarray:
+        """``n`` float64 uniforms on [0, 1), each a multiple of 2**-53 (all 53 bits random)."""
+        return (self.words(n) >> np.uint64(11)).astype(np.float64) * (1.0 / _TWO53)
+
+    def random(self) -> float:
+        """One uniform on [0, 1)."""
+        return float(self.uniform(1)[0])
+
+    def coins(self, n: int, rate: float) -> list[int]:
+        """Indices of ``n`` independent coins that came up with probability ``rate`` (Poisson sampling)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"a coin's rate must be in [0, 1], got {rate!r}")
+        return np.flatnonzero(self.uniform(n) < rate).tolist()
+
+    def choose(self, items: Sequence[T], k: int) -> list[T]:
+        """``k`` of ``items`` uniformly without replacement (in the items' order)."""
+        if not 0 <= k <= len(items):
+            raise ValueError(f"cannot choose {k} of {len(items)} items")
+        keep = np.sort(np.argsort(self.uniform(len(items)), kind="stable")[:k])
+        return [items[i] for i in keep.tolist()]
+
+    def standard_normal(self, n: int) -> torch.Tensor:
+        """``n`` i.i.d. N(0, 1) samples in float64 (Box-Muller on 53-bit uniforms, computed in place)."""
+        pairs = (n + 1) // 2
+        u = torch.from_numpy(self.uniform(2 * pairs))
+        radius, angle = u[:pairs], u[pairs:]
+        radius.neg_().log1p_().mul_(-2.0).sqrt_()  # sqrt(-2 ln(1 - u)), 1 - u in (0, 1]: finite
+        angle.mul_(2.0 * math.pi)
+        out = torch.empty(2 * pairs, dtype=torch.float64)
+        torch.cos(angle, out=out[:pairs])
+        torch.sin(angle, out=out[pairs:])
+        out[:pairs].mul_(radius)
+        out[pairs:].mul_(radius)
+        return out[:n]
+
+    def gaussian(self, shape: Sequence[int] | torch.Size, std: float, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", secure: bool = False) -> torch.Tensor:
+        """I.i.d. N(0, std^2) of ``shape`` in ``dtype`` on ``device`` (``secure``: Opacus' mitigation)."""
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
+        n = math.prod(shape)
+        if std == 0:
+            return torch.zeros(tuple(shape), dtype=dtype, device=device)
+        if secure:  # four draws, halved: N(0, 1) again, with the floating-point attack's cost 2^159
+            draws = self.standard_normal(4 * n)
+            z = draws[:n].add_(draws[n:2 * n]).add_(draws[2 * n:3 * n]).add_(draws[3 * n:]).mul_(0.5)
+        else:
+            z = self.standard_normal(n)
+        return z.mul_(std).to(dtype).view(tuple(shape)).to(device)
 
 
 @dataclass(frozen=True)
@@ -101,14 +187,9 @@ class Secret:
         label = "|".join([purpose, *map(str, index)]).encode()
         return hmac.new(self.key, label, hashlib.sha256).digest()
 
-    def generator(self, purpose: str, *index: int | str) -> torch.Generator:
-        """A CPU ``torch.Generator`` for one stream (64 bits of its key as the seed)."""
-        seed = int.from_bytes(self.stream_key(purpose, *index)[:8], "big")
-        return torch.Generator().manual_seed(seed)
-
-    def random(self, purpose: str, *index: int | str) -> random.Random:
-        """A ``random.Random`` for one stream, seeded with the whole 256-bit key."""
-        return random.Random(int.from_bytes(self.stream_key(purpose, *index), "big"))
+    def stream(self, purpose: str, *index: int | str) -> Stream:
+        """The ChaCha20 stream for one purpose and index, keyed by the whole 256-bit stream key."""
+        return Stream(self.stream_key(purpose, *index))
 
 
 def private_dir(path: Path) -> Path:

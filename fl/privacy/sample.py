@@ -34,6 +34,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from fl import protocol
@@ -42,7 +43,7 @@ from fl.data.features import Batch, Example
 from fl.model import Recognizer
 from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
 from fl.privacy.accounting import sample_level_noise_multiplier
-from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, Secret
+from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, Secret, Stream
 
 History = list[tuple[float, float, int]]
 ACCOUNTANTS = ("rdp", "prv")
@@ -76,9 +77,37 @@ class SampleAccount:
         return SampleAccount(history=[*self.history, (z, q, steps)], accountant=self.accountant)
 
 
-def poisson_batch(n: int, rate: float, rng: Any) -> list[int]:
-    """Indices of one Poisson-sampled batch: each of ``n`` items independently with ``rate``."""
-    return [i for i in range(n) if rng.random() < rate]
+def poisson_batch(n: int, rate: float, stream: Stream) -> list[int]:
+    """Indices of one Poisson-sampled batch: each of ``n`` items independently with ``rate``
+    (coins from ``stream``, the device's secret ``batches`` stream)."""
+    return stream.coins(n, rate)
+
+
+class StreamNoiseDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` whose Gaussian noise comes from a secret ChaCha20 :class:`Stream`.
+
+    Only the noise step is replaced: ``add_noise``, the method Opacus itself overrides to move the
+    noise elsewhere (``DistributedDPOptimizer``). Per-sample clipping, accumulation, the division
+    by the expected batch size and the wrapped optimizer's step are Opacus' own. Guarantee: each
+    parameter's summed clipped gradient receives i.i.d. N(0, (z C)^2) noise drawn from ``stream``
+    (``secure_mode``: Opacus' four-draw mitigation), so the step is DP-SGD's Gaussian mechanism
+    and nobody without the stream's key can regenerate the noise (torch's generators are never
+    used). ``tests/test_privacy_sample.py`` checks that a step equals Opacus' own step given the
+    same noise.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, stream: Stream, **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.stream = stream
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.stream.gaussian(p.summed_grad.shape, std, p.summed_grad.dtype, p.summed_grad.device,
+                                         self.secure_mode)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 @dataclass(frozen=True)
@@ -161,18 +190,18 @@ class SampleLevel:
         return self.account_for(rounds).epsilon(self.delta)
 
     # -- the device's half -----------------------------------------------------------------------------
-    def make_private(self, model: nn.Module, train: TrainConfig, generator: torch.Generator | None
-                     ) -> tuple[GradSampleModule, DPOptimizer]:
+    def make_private(self, model: nn.Module, train: TrainConfig, stream: Stream
+                     ) -> tuple[GradSampleModule, StreamNoiseDPOptimizer]:
         """Wrap ``model`` for per-sample gradients and AdamW in Opacus' DP optimizer (clip, then noise).
 
-        The optimizer averages by the public ``train.batch_size``; ``generator`` draws the noise.
+        The optimizer averages by the public ``train.batch_size``; ``stream`` (secret) draws the noise.
         """
         gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
+        optimizer = StreamNoiseDPOptimizer(
             torch.optim.AdamW([p for p in gs_model.parameters() if p.requires_grad], lr=train.lr,
                               weight_decay=train.weight_decay),
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=train.batch_size, loss_reduction="mean", generator=generator,
+            expected_batch_size=train.batch_size, loss_reduction="mean", stream=stream,
             secure_mode=self.secure_mode,
         )
         return gs_model, optimizer
@@ -186,13 +215,13 @@ class SampleLevel:
         then empty and the update is noise alone -- still the same mechanism, nothing about n
         leaks. Returns the mean loss of the non-empty steps (NaN if none; never sent under DP).
         """
-        rng = secret.random(BATCHES, release)
-        gs_model, optimizer = self.make_private(model, train, secret.generator(DP_SGD_NOISE, release))
+        batches = secret.stream(BATCHES, release)
+        gs_model, optimizer = self.make_private(model, train, secret.stream(DP_SGD_NOISE, release))
         gs_model.train()
         losses: list[float] = []
         params = [p for p in gs_model.parameters() if p.requires_grad]
         for _ in range(self.steps):
-            idx = poisson_batch(len(examples), self.sample_rate, rng)
+            idx = poisson_batch(len(examples), self.sample_rate, batches)
             optimizer.zero_grad(set_to_none=True)
             if idx:
                 batch = recognizer.collate([examples[i] for i in idx])

@@ -56,7 +56,6 @@ from fl.privacy.accounting import (
     calibrate_noise_multiplier,
     composed_epsilon,
     extrapolate,
-    user_level_epsilon,
 )
 from fl.privacy.gaussian import (
     AdaptiveClipNorm,
@@ -154,9 +153,26 @@ class UserRound:
         clipped, within = self.clip(delta)
         std = self.device_std
         if std > 0:
-            noise = gaussian_noise_like(clipped, std, secret.generator(USER_NOISE, release), self.secure_mode)
+            noise = gaussian_noise_like(clipped, std, secret.stream(USER_NOISE, release), self.secure_mode)
             clipped = {k: v + noise[k] for k, v in clipped.items()}
         return clipped, (1.0 if within else 0.0) if self.clipping == "adaptive" else None
+
+
+def server_facing_epsilon(noise_multipliers: Sequence[float], delta: float, accountant: str = "pld") -> float:
+    """What a server learns about one device from its noised user-level releases, one per entry of
+    ``noise_multipliers`` (each release's update noise multiplier z, ``local`` or ``distributed``).
+
+    The server sees each noised update (local) or sums of >= t shares carrying noise of std z*C
+    (distributed), and picks the cohort, so it knows the device took part: no amplification, and
+    replace-one sensitivity 2C -- each release is Gaussian(z / 2), and the releases compose. The one
+    formula behind :meth:`UserLevel.server_facing_epsilon` (the server's report) and a device's own
+    server-facing ledger (``clients/state.py``). 0.0 for no release, inf for a release without noise.
+    """
+    counts: dict[float, int] = {}
+    for z in noise_multipliers:
+        counts[float(z)] = counts.get(float(z), 0) + 1
+    return composed_epsilon([UserLevelSpec(z / 2.0, 1.0, n, delta, "fixed", accountant)  # type: ignore[arg-type]
+                             for z, n in counts.items()])
 
 
 def default_delta(population: int) -> float:
@@ -272,11 +288,11 @@ class UserLevel:
         rounds. The server sees its noised update (local) or sums of >= t shares (distributed),
         each carrying noise of std z_update*C; it knows the device is in the cohort, so no
         amplification, and replace-one sensitivity 2C: Gaussian(z_update / 2) composed ``rounds``
-        times. None for central noise (the server is trusted and sees clear updates)."""
+        times (:func:`server_facing_epsilon`). None for central noise (the server is trusted and sees
+        clear updates)."""
         if self.cfg.noise == "central":
             return None
-        return user_level_epsilon(UserLevelSpec(self.z_update / 2.0, 1.0, rounds, self.delta, "fixed",
-                                                self.cfg.accountant))  # type: ignore[arg-type]
+        return server_facing_epsilon([self.z_update] * rounds, self.delta, self.cfg.accountant)
 
     def record_round(self) -> None:
         """Account one more round at the current (q, z): every round attempted counts."""
@@ -329,10 +345,10 @@ class UserLevel:
         if self.cfg.noise == "central":
             std = self.z_update * self.clip_norm * self.expected_cohort / self.accounted_cohort
         if std > 0:
-            noise = gaussian_noise_like(total, std, secret.generator(SERVER_NOISE, server_round), self.cfg.secure_mode)
+            noise = gaussian_noise_like(total, std, secret.stream(SERVER_NOISE, server_round), self.cfg.secure_mode)
             total = {k: v + noise[k] for k, v in total.items()}
         if self.adaptive:
-            self.adaptive.update(sum(clip_bits), self.expected_cohort, secret.generator(CLIP_COUNT, server_round),
+            self.adaptive.update(sum(clip_bits), self.expected_cohort, secret.stream(CLIP_COUNT, server_round),
                                  reports=len(clip_bits))
         self.record_round()
         return {k: (v / self.expected_cohort).to(reference[k].dtype) for k, v in total.items()}
