@@ -89,6 +89,17 @@ class DeviceSettings:
         return replace(self.sample, delta=min(self.sample.delta, self.policy.delta))
 
     @property
+    def secure(self) -> bool:
+        """This device's app runs training under SecAgg+ (built with the secure mods, ``make_client_app``)."""
+        return self.user is not None and self.user.noise == "distributed"
+
+    @property
+    def evaluates(self) -> bool:
+        """Federated evaluation: only with no privacy level on *and* a device policy that asks for none
+        (test metrics are covered by no guarantee; a run config cannot switch the device's floor off)."""
+        return not self.private and check_mechanism(self.policy, None, None) is None
+
+    @property
     def server_delta(self) -> float:
         """The delta of the device's server-facing ledger: its own, or the run's user-level delta if smaller."""
         run = self.user.delta if self.user is not None else None
@@ -127,7 +138,7 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
     sample = SampleLevel.from_message(config, settings.sample_policy()) if settings.sample else None
     user = UserRound.from_message(config, settings.user.secure_mode) if settings.user else None
     # ... and checked against the device's own floor before anything is trained
-    refusal = check_mechanism(settings.policy, sample, user)
+    refusal = check_mechanism(settings.policy, sample, user, settings.secure)
     if refusal is not None:
         return _decline(state, msg, store.key(context), server_round, refusal)
     if not device.train and not settings.private:
@@ -214,7 +225,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     allowed = allowed_metrics(settings.sample is not None, settings.user is not None)
     guard = outbound_guard(shapes, allowed, audit_dir)
-    if settings.user is not None and settings.user.noise == "distributed":
+    if settings.secure:
         # SecAgg+ wraps training; the clear-text guard checks the update before it is masked
         app = ClientApp()
         train_mods, evaluate_mods = secure_train_mods(shapes, allowed) + [guard], [guard]
@@ -234,9 +245,9 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
 
     @app.evaluate(mods=evaluate_mods)
     def evaluate_(msg: Message, context: Context) -> Message:
-        if settings.private:
-            raise DeviceError(P.ERROR_EVALUATION_REFUSED, "federated evaluation is off under privacy: test metrics "
-                              "are covered by no DP guarantee, so this device sends none")
+        if not settings.evaluates:
+            raise DeviceError(P.ERROR_EVALUATION_REFUSED, "federated evaluation is off under privacy (the run's or "
+                              "this device's policy): test metrics are covered by no DP guarantee, so it sends none")
         torch.set_num_threads(settings.threads)
         device = store.data(context)
         metrics: dict[str, float | int] = {P.NUM_EXAMPLES: 0, P.WER: 0.0, P.CER: 0.0, P.LOSS: 0.0, P.WORDS: 0,

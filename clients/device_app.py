@@ -79,7 +79,7 @@ def _app_for(config_json: str, policy_json: str, audit_dir: Optional[str]) -> Cl
     settings = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
                               fed.threads_per_client, policy=policy)
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
-    store = LocalDevice(recognizer, cfg.data.test_fraction, cfg.data.max_seconds, cfg.seed)
+    store = LocalDevice(recognizer, cfg.data.test_fraction, cfg.data.max_seconds)
     return make_client_app(settings, store, audit_dir, recognizer)
 
 

@@ -82,7 +82,6 @@ class LocalDevice:
     recognizer: Recognizer
     test_fraction: float
     max_seconds: float
-    seed: int  # the run's public seed: not used for the split, which the device's own secret keys
 
     def data(self, context: Context) -> DeviceData:
         return load_local_device(str(context.node_config[DATA_DIR]), str(self.state(context)), self.recognizer,

@@ -57,13 +57,27 @@ def placement(user: Optional[UserRound]) -> Optional[str]:
     return {0: "central", 1: "local"}.get(user.noise_cohort, "distributed")
 
 
-def check_mechanism(policy: DevicePolicy, sample: Optional[SampleLevel],
-                    user: Optional[UserRound]) -> Optional[Refusal]:
-    """Placement and floors: what the request asks for, against the policy (None: acceptable)."""
+def check_mechanism(policy: DevicePolicy, sample: Optional[SampleLevel], user: Optional[UserRound],
+                    secure: bool = False) -> Optional[Refusal]:
+    """Placement and floors: what the request asks for, against the policy (None: acceptable).
+
+    ``secure``: this device's replies go through SecAgg+ (its app was built with the secure mods,
+    which answer nothing outside the protocol and refuse a noise cohort above the threshold they
+    enforce). Noise split across devices (cohort t > 1) is refused without it: the server would see
+    this device's update with 1/t of the noise variance. Adaptive clipping's clip bit leaves in
+    clear, so it is refused unless the placement is central (a server the device trusts anyway).
+    """
     where = placement(user)
     if where is not None and where not in policy.allowed_user_noise:
         return Refusal(P.DECLINED_PLACEMENT, f"user-level noise={where} is not among this device's allowed placements "
                        f"{list(policy.allowed_user_noise)}", {"placement": where})
+    if where == "distributed" and not secure:
+        return Refusal(P.DECLINED_PLACEMENT, f"a noise share of 1/{user.noise_cohort} asked outside secure "  # type: ignore[union-attr]
+                       "aggregation: the server would see this update with less than its accounted noise",
+                       {"placement": where, "noise_cohort": user.noise_cohort})  # type: ignore[union-attr]
+    if user is not None and user.clipping == "adaptive" and where != "central":
+        return Refusal(P.DECLINED_PLACEMENT, f"adaptive clipping with noise={where}: its clip bit would leave in "
+                       "clear, un-noised", {"placement": where, "clipping": "adaptive"})
     if sample is None and user is None and (policy.min_sample_z > 0 or policy.min_user_z > 0):
         return Refusal(P.DECLINED_NOISE_FLOOR, "the run asks for no differential privacy at all: the update would "
                        "leave in clear", {"min_sample_z": policy.min_sample_z, "min_user_z": policy.min_user_z})

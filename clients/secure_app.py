@@ -12,7 +12,9 @@ sits between the two:
               fitres.metrics (our scalars), fitres.status
 
 and it refuses to contribute if the server's ``noise-cohort`` exceeds the SecAgg+ threshold this
-device will enforce (a decodable sum could then carry less noise than accounted). A reply without
+device will enforce (a decodable sum could then carry less noise than accounted), or if the
+server's ``clipping_range`` is below what a clipped, noised update needs (SecAgg+ clips every
+coordinate to it before masking, which would cut the noise share). A reply without
 an update (a device that declines) is an error here: the device drops out of the secure round.
 The clear scalars of the reply (``fitres.metrics``) are the same allow-listed echo as in ordinary
 rounds (``clients/guard.py``).
@@ -42,8 +44,8 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from clients.guard import DeviceError, OutboundViolation, check_reply, coded_errors, error_code
 from fl import protocol as P
 from fl.privacy import masks
-from fl.privacy.secagg import SECURE_NAMES
-from fl.privacy.user import WIRE_COHORT
+from fl.privacy.secagg import SECURE_NAMES, clipping_range_for
+from fl.privacy.user import WIRE_C, WIRE_CLIPPING, WIRE_COHORT, WIRE_Z, UserRound
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,14 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     if WIRE_COHORT in config and int(config[WIRE_COHORT]) > threshold:  # type: ignore[arg-type]
         raise OutboundViolation(f"noise cohort {config[WIRE_COHORT]} exceeds the SecAgg+ threshold {threshold}: "
                                 "the decoded sum could carry less noise than accounted; not contributing")
+    bound = float(secagg["clipping_range"])  # type: ignore[arg-type]
+    if all(k in config for k in (WIRE_Z, WIRE_C, WIRE_COHORT, WIRE_CLIPPING)):
+        share = UserRound.from_message(config)
+        numel = sum(w.size for w in weights.values() if w.dtype.kind == "f")
+        needed = clipping_range_for(share.clip_norm, share.device_std, max(1, numel), 1)
+        if not bound >= needed:  # SecAgg+ clips each coordinate to the range: it would cut the noise share
+            raise OutboundViolation(f"SecAgg+ range {bound:.4g} is below the {needed:.4g} a clipped, noised update "
+                                    "needs: range clipping would remove part of the noise; not contributing")
     msg.content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()}),
                               P.CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
     reply = call_next(msg, context)
@@ -83,7 +93,6 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     if set(update) != set(order):
         raise OutboundViolation(f"the update's entries {sorted(update)} are not the model's float entries")
     vector = [update[k].astype(np.float64) for k in order]
-    bound = float(secagg["clipping_range"])  # type: ignore[arg-type]
     largest = max((float(np.abs(v).max()) for v in vector if v.size), default=0.0)
     if largest > bound:
         log.warning("an update coordinate (%.3g) exceeds SecAgg+'s range %.3g: it will be clipped", largest, bound)

@@ -2,15 +2,22 @@ import os
 import random
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from fl import protocol as P
 from fl.config import ModelConfig
 from fl.data.features import Example
+from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerRecognizer
+from fl.model.conformer import ConformerCTC, ConformerRecognizer
 
 SLOW_FIXTURES = {"sim_cache", "smoke_run", "private_run", "local_run", "central_run", "secure_run", "deployment",
                  "ray_head"}
@@ -57,6 +64,43 @@ def fake_examples(n: int, seed: int = 0, n_mels: int = 16) -> list[Example]:
 @pytest.fixture
 def examples() -> list[Example]:
     return fake_examples(12)
+
+
+@dataclass
+class OneDevice:
+    """A device store for ``clients.client_app._train``: fixed recordings (all training), a state folder."""
+
+    root: Path
+    examples: list
+    key_: int = 7
+    name: str = "d"
+
+    def data(self, context: Context) -> DeviceData:
+        return DeviceData(self.name, self.examples, [])
+
+    def state(self, context: Context) -> Path:
+        return self.root
+
+    def key(self, context: Context) -> int:
+        return self.key_
+
+
+def tiny_global() -> ArrayRecord:
+    """The :data:`TINY` Conformer's weights at seed 0: the global model of a hand-made train message."""
+    torch.manual_seed(0)
+    return ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
+
+
+def train_message(server_round: int, config: dict, arrays: Optional[ArrayRecord] = None,
+                  nonce: Optional[str] = None) -> tuple[Message, Context]:
+    """A server's train message for ``server_round`` (``config`` plus the round and, if given, the run
+    nonce; ``arrays``: the global model, :func:`tiny_global` by default) and the device's context."""
+    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    record = ConfigRecord({P.ROUND: server_round, **({} if nonce is None else {P.RUN_NONCE: nonce}), **config})
+    content = RecordDict({P.ARRAYS: tiny_global() if arrays is None else arrays, P.CONFIG: record})
+    return Message(content=content, metadata=meta), Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                                                           run_config={})
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +155,13 @@ def local_run(tmp_path_factory, sim_cache) -> Path:
         "privacy.sample.secure_mode=true", "privacy.user.secure_mode=true", "federation.sampling=fixed",
         "federation.audit_outbound=true", "federation.eval_devices=3",
     ) / "run"
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's task identity for a ServerApp run in-process (``run_server`` on a hand-made grid)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

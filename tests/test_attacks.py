@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,12 +18,11 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from clients.client_app import DeviceSettings, _train
 from fl import protocol as P
 from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
-from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.accounting import UserLevelSpec, composed_epsilon
@@ -36,7 +33,7 @@ from fl.privacy.user import UserLevel, UserRound
 from server import aggregate
 from server.secure_round import SecureSum
 from server.server_app import ServerSettings, run_server
-from tests.conftest import TINY, fake_examples
+from tests.conftest import TINY, OneDevice, fake_examples, train_message
 
 SEED = 0
 
@@ -136,37 +133,8 @@ def test_a_seed_search_finds_torch_seeded_noise_but_never_a_secret_stream():
     assert search_seeds(release, std, bits=20, extra=key_seeds(key)) == []
 
 
-@dataclass
-class OneDevice:
-    root: Path
-    examples: list
-    key_: int = 7
-
-    def data(self, context: Context) -> DeviceData:
-        return DeviceData("d", self.examples, [])
-
-    def state(self, context: Context) -> Path:
-        return self.root
-
-    def key(self, context: Context) -> int:
-        return self.key_
-
-
-def _message(server_round: int, arrays: ArrayRecord, config: dict) -> tuple[Message, Context]:
-    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round, **config})})
-    return Message(content=content, metadata=meta), Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
-                                                           run_config={})
-
-
-def _global() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
-
-
 def _reply(settings: DeviceSettings, store: OneDevice, config: dict, server_round: int = 1) -> dict[str, torch.Tensor]:
-    reply = _train(settings, *_message(server_round, _global(), config), store, ConformerRecognizer(TINY))
+    reply = _train(settings, *train_message(server_round, config), store, ConformerRecognizer(TINY))
     return reply.content[P.ARRAYS].to_torch_state_dict()
 
 
@@ -290,7 +258,7 @@ def test_secure_mode_trains_in_every_combination(tmp_path, sample, noise):
     settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4),
                               SamplePrivacyConfig(secure_mode=True) if sample else None, user_cfg, seed=SEED,
                               policy=DevicePolicy.permissive())  # central included: a device that opted in
-    reply = _train(settings, *_message(1, _global(), config), OneDevice(tmp_path, fake_examples(8)),
+    reply = _train(settings, *train_message(1, config), OneDevice(tmp_path, fake_examples(8)),
                    ConformerRecognizer(TINY))
     assert P.ARRAYS in reply.content
     metrics = dict(reply.content[P.METRICS])
@@ -340,14 +308,6 @@ class FakeGrid:
         replies = [self.handlers[m.metadata.dst_node_id](m) for m in messages]
         return [r for r in replies if r is not None]
 
-
-@pytest.fixture
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 def _honest(scale: float, corrupt: Optional[Callable[[dict, dict], None]] = None) -> Handler:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.config import parse_config_args
 
 import clients.client_app as client_app
@@ -29,7 +28,6 @@ from clients.device_app import policy_from_node_config
 from clients.state import LEDGER, RELEASE, SERVER_LEDGER, STATUS, DeviceState, ServerAccount
 from fl import protocol as P
 from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
-from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.sample import SampleAccount, SampleLevel
@@ -37,36 +35,14 @@ from fl.privacy.user import UserLevel, UserRound, server_facing_epsilon
 from server import aggregate, checkpoint
 from server.secure_round import SecureSum
 from server.server_app import ServerSettings, run_server
-from tests.conftest import TINY, fake_examples
-
-SAMPLE = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
-COHORT = {"central": 0, "local": 1, "distributed": 3}
-
-
-@dataclass
-class OneDevice:
-    root: Path
-    examples: list
-
-    def data(self, context: Context) -> DeviceData:
-        return DeviceData("d", self.examples, [])
-
-    def state(self, context: Context) -> Path:
-        return self.root
-
-    def key(self, context: Context) -> int:
-        return 7
+from tests.conftest import TINY, OneDevice, fake_examples, train_message
 
 
 def _message(config: dict, server_round: int = 1, nonce: str = "n" * 32) -> tuple[Message, Context]:
-    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    torch.manual_seed(0)
-    arrays = ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
-    content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({P.ROUND: server_round, P.RUN_NONCE: nonce,
-                                                                    **config})})
-    return Message(content=content, metadata=meta), Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
-                                                           run_config={})
+    return train_message(server_round, config, nonce=nonce)
+
+SAMPLE = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
+COHORT = {"central": 0, "local": 1, "distributed": 3}
 
 
 def _device(policy: DevicePolicy, sample: bool = True, noise: Optional[str] = "local") -> DeviceSettings:
@@ -127,6 +103,10 @@ def _assert_declined(reply: Message, root: Path, before: dict, code: int) -> dic
      P.DECLINED_NOISE_FLOOR),
     ("central without opting in", True, "central", _config(noise="central"), P.DECLINED_PLACEMENT),
     ("no DP at all", False, None, {}, P.DECLINED_NOISE_FLOOR),
+    ("a noise share outside secure aggregation", False, "local", _config(sample_z=None, noise="distributed"),
+     P.DECLINED_PLACEMENT),
+    ("adaptive clipping (an un-noised clip bit) with local noise", False, "local",
+     UserRound(2.0, 0.5, 1, "adaptive").to_config(), P.DECLINED_PLACEMENT),
 ])
 def test_a_device_declines_a_request_below_its_floor(tmp_path, nothing_trains, case, sample, noise, config, code):
     settings = _device(DevicePolicy(), sample=sample, noise=noise)  # the deployed defaults
@@ -309,14 +289,6 @@ class RecordingGrid:
                                reply_to=msg))
         return out
 
-
-@pytest.fixture
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 def _server(tmp_path: Path, run: str, rounds: int, resume: bool = False, **kw) -> ServerSettings:

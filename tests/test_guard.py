@@ -170,10 +170,13 @@ def test_the_error_codes_are_fixed_and_clear_of_flowers_own():
     assert P.error_text(2) == "Flower error code 2"
 
 
-def test_the_client_app_refuses_evaluation_under_privacy_with_its_code():
-    """The real ClientApp (sample-level DP): an evaluate message gets code 103 and nothing else."""
+@pytest.mark.parametrize("run_private", [True, False], ids=["run-private", "run-none-device-floor"])
+def test_the_client_app_refuses_evaluation_under_privacy_with_its_code(run_private):
+    """The real ClientApp: an evaluate message gets code 103 and nothing else, both under the run's
+    sample-level DP and when the run config switches privacy off but the device's own policy (the
+    deployed defaults: noise floors) asks for DP: a run config cannot open the device's test set."""
     from clients.client_app import DeviceSettings, make_client_app
-    from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
+    from fl.config import DevicePolicy, ModelConfig, SamplePrivacyConfig, TrainConfig
 
     class NoStore:
         def data(self, context):
@@ -186,7 +189,10 @@ def test_the_client_app_refuses_evaluation_under_privacy_with_its_code():
             return 1
 
     tiny = ModelConfig(n_mels=32, d_model=48, layers=2, heads=2, conv_kernel=7, dropout=0.0)
-    settings = DeviceSettings(tiny, TrainConfig(), SamplePrivacyConfig(), None, seed=0)
+    settings = DeviceSettings(tiny, TrainConfig(), SamplePrivacyConfig() if run_private else None, None, seed=0,
+                              policy=DevicePolicy())
+    assert not settings.evaluates and DeviceSettings(tiny, TrainConfig(), None, None, seed=0,
+                                                     policy=DevicePolicy.permissive()).evaluates
     app = make_client_app(settings, NoStore())
     reply = app(_incoming(MessageType.EVALUATE), _context())
     assert reply.has_error() and reply.error.code == P.ERROR_EVALUATION_REFUSED

@@ -11,58 +11,27 @@ run nonce), so another run from the same seed model never gets the same bits.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Context, Message
 
 from clients.client_app import DeviceSettings, _train
 from clients.state import DeviceState
 from fl import protocol as P
 from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
-from fl.data.fleet import DeviceData
-from fl.data.text import CharTokenizer
-from fl.model.conformer import ConformerCTC, ConformerRecognizer
+from fl.model.conformer import ConformerRecognizer
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserLevel, UserRound
-from tests.conftest import TINY, fake_examples
-
-MECHANISM = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
-COHORT = {None: None, "central": 0, "local": 1, "distributed": 3}
-
-
-@dataclass
-class OneDevice:
-    root: Path
-    examples: list
-    key_: int = 7
-
-    def data(self, context: Context) -> DeviceData:
-        return DeviceData("d", self.examples, [])
-
-    def state(self, context: Context) -> Path:
-        return self.root
-
-    def key(self, context: Context) -> int:
-        return self.key_
-
-
-def _global() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
+from tests.conftest import TINY, OneDevice, fake_examples, train_message
 
 
 def _message(config: dict, server_round: int = 1, nonce: str = "run-a") -> tuple[Message, Context]:
-    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    record = ConfigRecord({P.ROUND: server_round, P.RUN_NONCE: nonce, **config})
-    content = RecordDict({P.ARRAYS: _global(), P.CONFIG: record})
-    return Message(content=content, metadata=meta), Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
-                                                           run_config={})
+    return train_message(server_round, config, nonce=nonce)
+
+MECHANISM = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
+COHORT = {None: None, "central": 0, "local": 1, "distributed": 3}
 
 
 def _setup(noise: Optional[str], sample: bool = True, z: float = 2.0, clip: float = 0.5

@@ -82,7 +82,7 @@ def test_the_experimenter_view_is_labelled_and_the_collector_reads_it(tmp_path):
     assert row.seconds is None  # a private run publishes no wall time, and the collector reads no private file
 
 
-def test_the_server_logs_an_error_reply_by_its_code_only(caplog, _task_identity):
+def test_the_server_logs_an_error_reply_by_its_code_only(caplog, task_identity):
     """A Flower error reason (free text, e.g. a ClientApp that failed outside the guard) is never logged."""
     from types import SimpleNamespace
 
@@ -148,17 +148,9 @@ def _device(bad: bool = False, silent: bool = False):
     return handle
 
 
-@pytest.fixture
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
 
 @pytest.mark.parametrize("private", [True, False], ids=["sample", "none"])
-def test_the_server_publishes_the_allow_list_under_privacy_and_keeps_the_counts_private(tmp_path, _task_identity,
+def test_the_server_publishes_the_allow_list_under_privacy_and_keeps_the_counts_private(tmp_path, task_identity,
                                                                                         private):
     import torch
 

@@ -205,3 +205,29 @@ def test_stream_draws_have_the_right_distributions():
     a, b = Secret(bytes(32)).stream("x"), Secret(bytes(32)).stream("x")
     first = a.gaussian((5,), 1.0)
     assert torch.equal(first, b.gaussian((5,), 1.0)) and not torch.equal(first, a.gaussian((5,), 1.0))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_secure_noise_sums_four_draws_of_four_different_box_muller_pairs(monkeypatch, n):
+    """Opacus' mitigation needs four independent draws a sample: the cosine and the sine of one
+    Box-Muller pair sum to a single Gaussian of the same two uniforms, which would undo it. Each
+    draw is tagged with a power of two; every sample must add four of them, from four pairs, and
+    no draw may serve two samples."""
+    stream = Stream(bytes(32))
+    size = 8 if n == 1 else 4 * n
+    pairs = size // 2  # standard_normal(size) = cosines of pairs 0..pairs-1, then their sines
+    monkeypatch.setattr(stream, "standard_normal", lambda m: torch.tensor([2.0**i for i in range(m)],
+                                                                           dtype=torch.float64))
+    samples = stream.gaussian((n,), 1.0, torch.float64, secure=True) * 2
+    used: list[int] = []
+    for value in samples.tolist():
+        draws = [i for i in range(size) if int(value) >> i & 1]
+        assert len(draws) == 4 and len({i % pairs for i in draws}) == 4, draws
+        used += draws
+    assert len(used) == len(set(used))
+
+
+def test_stream_labels_are_unambiguous():
+    secret = Secret(bytes(32))
+    assert secret.stream_key("split", "a|b") != secret.stream_key("split", "a", "b")
+    assert secret.stream_key("x", 1) == secret.stream_key("x", "1")  # an index is its text

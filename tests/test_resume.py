@@ -12,24 +12,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 
 from clients.client_app import DeviceSettings, _train
 from clients.state import LEDGER, DeviceState, round_key
 from fl import protocol as P
 from fl.config import SamplePrivacyConfig, TrainConfig
-from fl.data.fleet import DeviceData
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.sample import SampleLevel
 from server import checkpoint
 from server.results import read_private_rounds
-from tests.conftest import ROOT, TINY, fake_examples, simulate
+from tests.conftest import ROOT, TINY, OneDevice, fake_examples, simulate, train_message
 
 # Two rounds of four devices on two actors; every device sleeps 1 s before training, so a kill
 # once the first device of round 2 has trained lands before round 2 is committed.
@@ -38,27 +36,8 @@ RUN = ("federation.rounds=2", "privacy=both", "federation.slow_devices=1", "fede
 MECHANISM = SampleLevel(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, steps=2)
 
 
-@dataclass
-class OneDevice:
-    root: Path
-    examples: list
-
-    def data(self, context: Context) -> DeviceData:
-        return DeviceData("d0", self.examples, [])
-
-    def state(self, context: Context) -> Path:
-        return self.root
-
-    def key(self, context: Context) -> int:
-        return 0
-
-
 def _message(server_round: int, arrays: ArrayRecord) -> tuple[Message, Context]:
-    config = ConfigRecord({P.ROUND: server_round, **MECHANISM.to_config()})
-    meta = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    msg = Message(content=RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), metadata=meta)
-    return msg, Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    return train_message(server_round, MECHANISM.to_config(), arrays)
 
 
 def _device(tmp_path: Path, secure_mode: bool) -> tuple[DeviceSettings, OneDevice, ArrayRecord]:
@@ -66,7 +45,7 @@ def _device(tmp_path: Path, secure_mode: bool) -> tuple[DeviceSettings, OneDevic
     settings = DeviceSettings(TINY, TrainConfig(local_steps=2, batch_size=4), sample, None, seed=3)
     torch.manual_seed(0)
     arrays = ArrayRecord(ConformerCTC(TINY, CharTokenizer().vocab_size).state_dict())
-    return settings, OneDevice(tmp_path, fake_examples(12)), arrays
+    return settings, OneDevice(tmp_path, fake_examples(12), key_=0, name="d0"), arrays
 
 
 def _steps(state: Path) -> int:

@@ -189,11 +189,11 @@ def test_the_secure_guard_passes_the_echo_and_refuses_other_clear_metrics():
             check_secure_reply(RecordDict({**reply, "fitres.metrics": ConfigRecord({name: 1.0})}), SHAPES, ALLOWED)
 
 
-def _collect_stage_message(noise_cohort: int) -> tuple[Message, Context]:
+def _collect_stage_message(noise_cohort: int, user: dict | None = None) -> tuple[Message, Context]:
     arrays = global_arrays()
     params = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
     content = fitins_to_recorddict(FitIns(params, {SECURE_NAMES: list(arrays.keys()), WIRE_COHORT: noise_cohort,
-                                                   P.ROUND: 1}), True)
+                                                   P.ROUND: 1, **(user or {})}), True)
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
     msg = Message(content=content, metadata=meta)
@@ -224,6 +224,28 @@ def test_the_adapter_refuses_a_noise_cohort_above_the_secagg_threshold():
     msg, context = _collect_stage_message(4)
     with pytest.raises(OutboundViolation, match="exceeds the SecAgg"):
         fitres_adapter(msg, context, lambda m, c: pytest.fail("train must not run"))
+
+
+def test_the_adapter_refuses_a_secagg_range_that_would_clip_its_noise_share():
+    """SecAgg+ clips every coordinate to the server's ``clipping_range`` before masking: a range
+    below a clipped, noised update's needs would cut the device's noise share, so it does not
+    contribute; a range that fits the share passes to training."""
+    tight = UserRound(noise_multiplier=4.0, clip_norm=1.0, noise_cohort=3).to_config()  # share std 2.3: needs ~18
+    msg, context = _collect_stage_message(3, tight)
+    assert clipping_range_for(1.0, 4.0 / 3**0.5, 17, 1) > RANGE
+    with pytest.raises(OutboundViolation, match="range"):
+        fitres_adapter(msg, context, lambda m, c: pytest.fail("train must not run"))
+    fits = UserRound(noise_multiplier=0.5, clip_norm=1.0, noise_cohort=3).to_config()
+    msg, context = _collect_stage_message(3, fits)
+    trained = []
+
+    def train(m: Message, c: Context) -> Message:
+        trained.append(m)
+        return Message(RecordDict({P.ARRAYS: ArrayRecord({"b": torch.zeros(5), "w": torch.zeros(3, 4)}),
+                                   P.METRICS: MetricRecord(fits)}), reply_to=m)
+
+    fitres_adapter(msg, context, train)
+    assert trained
 
 
 def test_a_stale_message_of_an_older_round_is_refused_before_it_resets_the_protocol():

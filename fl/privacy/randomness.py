@@ -1,15 +1,15 @@
 """Secret randomness for every DP draw: a 256-bit secret per party, one ChaCha20 stream per purpose.
 
 A DP guarantee holds only against someone who cannot regenerate the noise (or the sampling). So
-every DP draw -- the server's noise and cohorts, a device's DP-SGD noise, Poisson batches,
-user-level noise share and clip-bit noise -- comes from a :class:`Secret` held by the party that
+every DP draw -- the server's noise, adaptive-clipping count noise and cohorts, a device's
+DP-SGD noise, Poisson batches and user-level noise share -- comes from a :class:`Secret` held by the party that
 makes the draw: the server's run secret, or each device's own secret. A secret is 32 bytes from
 the OS CSPRNG (``secrets.token_bytes``), written once to a private file (mode 0600) so resume and
 replay stay bit-identical, and never sent or published.
 
 A stream is named by a purpose and an index (a round, a device release counter): its key is
-HMAC-SHA256(secret, purpose | index), all 256 bits of it. Streams of different purposes or indices
-are independent (HMAC is a PRF); knowing the config, the seed, the models and every other stream
+HMAC-SHA256(secret, JSON [purpose, *index]), all 256 bits of it. Streams of different purposes
+or indices are independent (HMAC is a PRF); knowing the config, the seed, the models and every other stream
 tells nothing about a stream's key. :meth:`Secret.stream` expands the key with ChaCha20 (RFC 8439,
 from the ``cryptography`` package, as ``fl/privacy/masks.py`` does for SecAgg+ masks) into a
 :class:`Stream`: 53-bit uniforms, coins, samples without replacement and float64 Gaussians (Box-
@@ -19,7 +19,7 @@ cryptographic (torch's CPU generator keeps 32 bits of a seed, found in minutes b
 
 ``secure=True`` Gaussians add Opacus' floating-point-attack mitigation (Holohan & Braghin 2021,
 section 5.1, as ``opacus.optimizers.optimizer._generate_noise(secure_mode=True)``): each sample
-is the sum of four independent N(0, std^2) draws, halved.
+is the sum of four independent N(0, std^2) draws from four different Box-Muller pairs, halved.
 
 ``reproducible`` secrets (``privacy.reproducible=true``, simulation only) are derived from the
 config seed instead: exact reruns for research, and *no protection against anyone who holds the
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import os
 import secrets
@@ -52,7 +53,6 @@ CLIP_COUNT = "clip-count"  # noise on the adaptive-clipping count (central)
 DP_SGD_NOISE = "dp-sgd-noise"  # Opacus' Gaussian noise on the clipped per-example gradient sum
 BATCHES = "batches"  # Poisson sampling of each DP-SGD step's batch
 USER_NOISE = "user-noise"  # the device's share of user-level noise (local, distributed)
-CLIP_BIT = "clip-bit"  # noise on the device's adaptive-clipping bit (local, distributed)
 TRAINING = "training"  # everything else on the device that is random (dropout, plain batches)
 SPLIT = "split"  # a deployed device's train/test assignment of each recording (keyed, not drawn)
 
@@ -120,6 +120,19 @@ class Stream:
         out[pairs:].mul_(radius)
         return out[:n]
 
+    def _four_pairs(self, n: int) -> torch.Tensor:
+        """``n`` N(0, 1) samples, each the sum of four draws from four *different* Box-Muller pairs,
+        halved (Opacus' mitigation, 2n = 4 draws: a cosine and a sine of one pair sum to a single
+        Gaussian of the same two uniforms, which would undo it). ``standard_normal(4n)`` holds the
+        cosines of pairs 0..2n-1, then their sines; each sine block is rotated by one coordinate,
+        so coordinate j takes pairs j, n+j, j+1 and n+j+1 (mod n); n = 1 draws eight and keeps the
+        four cosines."""
+        if n == 1:
+            return self.standard_normal(8)[:4].sum().mul(0.5).view(1)
+        d = self.standard_normal(4 * n)
+        cos_a, cos_b, sin_a, sin_b = d[:n], d[n:2 * n], d[2 * n:3 * n], d[3 * n:]
+        return cos_a.add(cos_b).add_(sin_a.roll(-1)).add_(sin_b.roll(-1)).mul_(0.5)  # a new tensor: d is freed
+
     def gaussian(self, shape: Sequence[int] | torch.Size, std: float, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", secure: bool = False) -> torch.Tensor:
         """I.i.d. N(0, std^2) of ``shape`` in ``dtype`` on ``device`` (``secure``: Opacus' mitigation)."""
@@ -128,9 +141,8 @@ class Stream:
         n = math.prod(shape)
         if std == 0:
             return torch.zeros(tuple(shape), dtype=dtype, device=device)
-        if secure:  # four draws, halved: N(0, 1) again, with the floating-point attack's cost 2^159
-            draws = self.standard_normal(4 * n)
-            z = draws[:n].add_(draws[n:2 * n]).add_(draws[2 * n:3 * n]).add_(draws[3 * n:]).mul_(0.5)
+        if secure:
+            z = self._four_pairs(n)
         else:
             z = self.standard_normal(n)
         return z.mul_(std).to(dtype).view(tuple(shape)).to(device)
@@ -184,7 +196,7 @@ class Secret:
 
     def stream_key(self, purpose: str, *index: int | str) -> bytes:
         """HMAC-SHA256 of ``purpose`` and ``index`` under the secret: the key of one stream."""
-        label = "|".join([purpose, *map(str, index)]).encode()
+        label = json.dumps([purpose, *map(str, index)]).encode()  # unambiguous: ("a|b",) != ("a", "b")
         return hmac.new(self.key, label, hashlib.sha256).digest()
 
     def stream(self, purpose: str, *index: int | str) -> Stream:
