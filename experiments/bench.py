@@ -11,9 +11,9 @@
   simulation's peak memory (features cached beforehand, so the round is what is timed).
 * ``secret_overhead`` (``whisper_secret_overhead``): seconds of one device's training release
   (privacy=both, local noise: DP-SGD batches and noise plus the user-level share) with every draw
-  from the secret ChaCha20 streams, over the same release drawing from torch's MT19937 (the
-  generator the streams replaced; measured for its cost only), on the Conformer (1.3M values a
-  step) and on the Whisper preset.
+  from the secret ChaCha20 streams, over the same release (same batches) drawing its Gaussians
+  from torch's MT19937 (the generator the streams replaced; measured for its cost only), on the
+  Conformer (1.3M values a step) and on the Whisper preset.
 * ``sim_overhead``: 1 - (device training seconds) / (actors x round wall time), for a round of
   16 devices of the Conformer with DP-SGD: the share of the round in which the simulation's
   actors did not train (messaging, model loading, aggregation, evaluation, checkpointing).
@@ -146,15 +146,14 @@ def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
 
 
 class _MersenneStream(Stream):
-    """The draws the ChaCha20 streams replaced: torch's MT19937 seeded with 64 bits of the key
-    (it keeps 32 of them: NOT private). A reference cost for ``secret_overhead`` only."""
+    """Gaussians as drawn before the ChaCha20 streams: torch's MT19937 seeded with 64 bits of the key
+    (it keeps 32 of them: NOT private). A reference cost for ``secret_overhead`` only. The coins stay
+    the key's ChaCha20 ones, so both releases train on the same Poisson batches (their sizes, not
+    the generator, would otherwise decide the difference)."""
 
     def __init__(self, key: bytes) -> None:
         super().__init__(key)
         self.generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "big"))
-
-    def coins(self, n: int, rate: float) -> list[int]:
-        return torch.nonzero(torch.rand(n, generator=self.generator) < rate).flatten().tolist()
 
     def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False):  # type: ignore[no-untyped-def]
         return torch.normal(0.0, std, tuple(shape), generator=self.generator).to(dtype)

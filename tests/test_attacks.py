@@ -51,18 +51,22 @@ class Seeded:
     def __init__(self, family: str, seed: int) -> None:
         self.family, self.seed = family, seed
 
-    def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False) -> torch.Tensor:
-        shape = tuple(shape)
+    def gaussian_like(self, tensors, std, secure=False) -> list[torch.Tensor]:
+        """One generator for all tensors, drawn in order (as the pre-ChaCha code consumed its generator)."""
         if self.family.startswith("torch"):
             g = torch.Generator().manual_seed(self.seed)
-            draw = torch.normal(0.0, std, shape, generator=g, dtype=torch.float64 if self.family == "torch64"
-                                else torch.float32)
+            draw = lambda shape: torch.normal(0.0, std, shape, generator=g,  # noqa: E731
+                                              dtype=torch.float64 if self.family == "torch64" else torch.float32)
         elif self.family == "RandomState":
-            draw = torch.from_numpy(np.random.RandomState(self.seed % 2**32).normal(0.0, std, shape))
+            rs = np.random.RandomState(self.seed % 2**32)
+            draw = lambda shape: torch.from_numpy(rs.normal(0.0, std, shape))  # noqa: E731
         else:
-            bits = getattr(np.random, self.family)(self.seed)
-            draw = torch.from_numpy(np.random.Generator(bits).normal(0.0, std, shape))
-        return draw.to(dtype)
+            gen = np.random.Generator(getattr(np.random, self.family)(self.seed))
+            draw = lambda shape: torch.from_numpy(gen.normal(0.0, std, shape))  # noqa: E731
+        return [draw(tuple(t.shape)).to(t.dtype) for t in tensors]
+
+    def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False) -> torch.Tensor:
+        return self.gaussian_like([torch.empty(tuple(shape), dtype=dtype)], std, secure)[0]
 
 
 FAMILIES = ("torch", "torch64", "RandomState", *NUMPY_FAMILIES)

@@ -155,13 +155,13 @@ def gaussian_noise_like(delta: Mapping[str, Tensor], std: float, stream: Stream,
                         ) -> dict[str, Tensor]:
     """I.i.d. N(0, std^2) noise shaped like ``delta`` (same names, shapes, dtypes, devices).
 
-    Drawn from ``stream`` (a secret ChaCha20 stream, ``Secret.stream``) in float64, tensor by
-    tensor in the mapping's order, then rounded to each tensor's dtype. ``secure=True`` adds
+    Drawn from ``stream`` (a secret ChaCha20 stream, ``Secret.stream``) as one float64 vector in
+    the mapping's order, then split and rounded to each tensor's dtype. ``secure=True`` adds
     Opacus' floating-point-attack mitigation (a sum of four Gaussians, halved).
     """
     check_nonnegative("noise std", std)
     check_floating(delta)
-    return {name: stream.gaussian(t.shape, std, t.dtype, t.device, secure) for name, t in delta.items()}
+    return dict(zip(delta, stream.gaussian_like(list(delta.values()), std, secure)))
 
 
 def noise_norm_bound(std: float, numel: int, failure: float = 1e-9) -> float:

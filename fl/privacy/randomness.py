@@ -136,16 +136,20 @@ class Stream:
     def gaussian(self, shape: Sequence[int] | torch.Size, std: float, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", secure: bool = False) -> torch.Tensor:
         """I.i.d. N(0, std^2) of ``shape`` in ``dtype`` on ``device`` (``secure``: Opacus' mitigation)."""
+        return self.gaussian_like([torch.empty(tuple(shape), dtype=dtype, device=device)], std, secure)[0]
+
+    def gaussian_like(self, tensors: Sequence[torch.Tensor], std: float, secure: bool = False) -> list[torch.Tensor]:
+        """I.i.d. N(0, std^2) shaped like each of ``tensors`` (dtype and device too), drawn as one
+        float64 vector in the tensors' order and split: one keystream call for a whole model."""
         if not (math.isfinite(std) and std >= 0):
             raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
-        n = math.prod(shape)
         if std == 0:
-            return torch.zeros(tuple(shape), dtype=dtype, device=device)
-        if secure:
-            z = self._four_pairs(n)
-        else:
-            z = self.standard_normal(n)
-        return z.mul_(std).to(dtype).view(tuple(shape)).to(device)
+            return [torch.zeros_like(t) for t in tensors]
+        sizes = [t.numel() for t in tensors]
+        z = self._four_pairs(sum(sizes)) if secure else self.standard_normal(sum(sizes))
+        z.mul_(std)
+        return [part.view(t.shape).to(dtype=t.dtype, device=t.device, copy=True)
+                for part, t in zip(torch.split(z, sizes), tensors)]
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,8 @@ class StreamNoiseDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.stream.gaussian(p.summed_grad.shape, std, p.summed_grad.dtype, p.summed_grad.device,
-                                         self.secure_mode)
+        noises = self.stream.gaussian_like([p.summed_grad for p in self.params], std, self.secure_mode)
+        for p, noise in zip(self.params, noises):  # one draw for all parameters, then Opacus' own update
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
