@@ -172,7 +172,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if sample:
         console.print(
             f"sample-level DP: epsilon = {sample['epsilon']:.2f} at delta = {sample['delta']:g} against "
-            f"{sample['observer'].split(';')[0]} (worst device: {sample['max_rounds']} rounds, {sample['max_steps']} "
+            f"{sample['observer'].split(';')[0]} (a device in every round: {sample['max_rounds']} rounds, {sample['max_steps']} "
             f"steps, q = {sample['sample_rate']:.3f}, sigma = {sample['noise_multiplier']:.3g}, "
             f"C = {sample['max_grad_norm']}, {sample['accountant']})"
         )
@@ -191,7 +191,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         )
         if user["epsilon_server"] is not None:
             console.print(f"user-level DP: epsilon = {user['epsilon_server']:.2f} against "
-                          f"{user['epsilon_server_observer']} (worst device: {user['server_rounds']} rounds, "
+                          f"{user['epsilon_server_observer']} (a device in every round: {user['server_rounds']} rounds, "
                           "no amplification, replace-one sensitivity 2C)")
     else:
         console.print("user-level DP: off (no formal guarantee for devices)")

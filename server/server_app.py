@@ -274,7 +274,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     _progress(out, s.private, phase="finished", round=final.round, rounds=s.rounds)
     seconds = sum(row.seconds for row in writer.rows)
     # realised figures no epsilon covers: the experimenter's alone (published too without privacy)
-    write_private_summary(checkpoint.private_path(out), {"seconds": seconds, "devices_charged": len(ledger.charged)})
+    write_private_summary(checkpoint.private_path(out), {"seconds": seconds, "devices_charged": len(ledger.charged),
+                                                          "worst_device_rounds": ledger.worst})
     writer.write_summary({
         "config": s.config,
         "seed_model": _scores(seed),
@@ -287,7 +288,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
         "privacy": {
             "randomness": randomness,
             "sample": ledger.sample_block(sample, s.sample.target_epsilon if s.sample else None),
-            "user": user.block(ledger.worst) if user else None,
+            "user": user.block(ledger.rounds) if user else None,
         },
     })
     return writer.rows
@@ -304,7 +305,7 @@ def _budget_stop(s: ServerSettings, mech: Mechanisms, ledger: ParticipationLedge
         if server_eps is not None:
             checks.append(("user-level epsilon (server)", server_eps))
     if mech.sample:
-        checks.append(("sample-level epsilon (worst device)", ledger.sample_epsilon(mech.sample, extra=1)))
+        checks.append(("sample-level epsilon (a device in every round)", ledger.sample_epsilon(mech.sample, extra=1)))
     for what, eps in checks:
         if eps is not None and eps > s.max_epsilon:
             return f"round {r} would take {what} to {eps:.3f} > {s.max_epsilon}"

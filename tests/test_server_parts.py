@@ -111,11 +111,12 @@ def test_example_weight_rejects_a_missing_count():
 # -- the participation ledger (server/ledger.py) -------------------------------------------------------
 def test_the_ledger_charges_devices_and_reports_the_worst():
     ledger = ParticipationLedger()
-    assert ledger.worst == 0
+    assert ledger.worst == 0 and ledger.rounds == 0
     ledger.charge([1, 2, 3])
     ledger.charge([2, 3])
     ledger.charge([3])
-    assert ledger.charged == {1: 1, 2: 2, 3: 3} and ledger.worst == 3
+    ledger.charge([])  # a round nobody was charged in still bounds a device that could have been
+    assert ledger.charged == {1: 1, 2: 2, 3: 3} and ledger.worst == 3 and ledger.rounds == 4
 
 
 def test_the_ledger_state_round_trips_through_json_keys():
@@ -123,19 +124,26 @@ def test_the_ledger_state_round_trips_through_json_keys():
     ledger.charge([7, 9, 9])
     again = ParticipationLedger()
     again.load_state_dict(json.loads(json.dumps(ledger.state_dict())))  # keys come back as strings
-    assert again.charged == {7: 1, 9: 2} and again.worst == 2
+    assert again.charged == {7: 1, 9: 2} and again.worst == 2 and again.rounds == 1
+    old = ParticipationLedger()
+    old.load_state_dict({"charged": {"7": 3}})  # a state written before rounds were kept: the worst
+    assert old.rounds == 3
 
 
-def test_the_ledger_s_epsilons_are_the_worst_device_s():
+def test_the_ledger_s_epsilons_are_those_of_a_device_in_every_round():
+    """Published epsilons depend on the number of rounds alone, not on who the secret cohorts
+    picked: device 2 was charged in 2 of 3 rounds, the figure is a device's in all 3."""
     ledger = ParticipationLedger()
     ledger.charge([1, 2])
     ledger.charge([2])
+    ledger.charge([1])
+    assert ledger.worst == 2
     sample = SampleLevel.from_config(SamplePrivacyConfig(noise_multiplier=1.0), TrainConfig(local_steps=4), 10)
-    assert ledger.sample_epsilon(sample) == sample.epsilon(2) and ledger.sample_epsilon(sample, 1) == sample.epsilon(3)
+    assert ledger.sample_epsilon(sample) == sample.epsilon(3) and ledger.sample_epsilon(sample, 1) == sample.epsilon(4)
     assert ledger.sample_epsilon(None) is None and ledger.user_server_epsilon(None) is None
     block = ledger.sample_block(sample, None)
-    assert block["max_rounds"] == 2 and block["max_steps"] == 8
+    assert block["max_rounds"] == 3 and block["max_steps"] == 12
     assert "devices_charged" not in block  # a count no epsilon covers: private (private/summary-private.json)
     user = UserLevel(UserPrivacyConfig(noise="local", accountant="rdp"), devices=10, expected_cohort=2,
                      sampling="poisson", planned_rounds=5)
-    assert ledger.user_server_epsilon(user) == user.server_facing_epsilon(2)
+    assert ledger.user_server_epsilon(user) == user.server_facing_epsilon(3)

@@ -365,7 +365,8 @@ class UserLevel:
     def block(self, worst_rounds: int) -> dict[str, Any]:
         """The summary's ``privacy.user``: every figure needed to recompute each epsilon, by observer.
 
-        ``worst_rounds``: the most rounds any one device was charged (for the server-facing figure).
+        ``worst_rounds``: the rounds the server-facing figure is stated for (the server passes every
+        round run: a bound for every device, whoever the cohorts were).
         """
         qs = sorted({q for q, _ in self.history})
         return {
