@@ -333,3 +333,24 @@ def test_a_resumed_distributed_round_charges_the_interrupted_attempt_too(tmp_pat
     run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=2, resume=True, user=user))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["privacy"]["user"]["server_rounds"] == (3 if noise == "distributed" else 2)
+
+
+def test_a_resumed_run_draws_its_noise_from_the_persisted_secret(tmp_path, task_identity):
+    """Resume with secret randomness: the run secret is read back, not drawn anew. Every update is
+    zero, so round 2's published model moved by the central noise alone: it must be exactly the
+    noise of the secret kept in ``private/`` for round 2 (a lost secret would give other noise)."""
+    from fl.privacy.gaussian import gaussian_noise_like
+    from fl.privacy.randomness import SERVER_NOISE, Secret
+
+    user = UserPrivacyConfig(noise="central", noise_multiplier=2.0, clipping_norm=0.1, delta=1e-4)
+    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=1, user=user))
+    secret_file = tmp_path / "run" / checkpoint.PRIVATE / checkpoint.SECRET
+    key = secret_file.read_bytes()
+    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=2, resume=True, user=user))
+    assert secret_file.read_bytes() == key
+    ckpt = [torch.load(tmp_path / "run" / "checkpoints" / f"round-{r:03d}.pt", weights_only=False)["state_dict"]
+            for r in (1, 2)]
+    floats = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in ckpt[0].items() if v.is_floating_point()}
+    noise = gaussian_noise_like(floats, 2.0 * 0.1, Secret(key).stream(SERVER_NOISE, 2))
+    for k in floats:
+        assert torch.allclose(ckpt[1][k] - ckpt[0][k], (noise[k] / 3).float(), atol=1e-6), k

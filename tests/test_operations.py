@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -58,25 +57,21 @@ def test_a_devices_log_names_no_transcript_and_no_recording(tmp_path, caplog):
 
 
 def test_a_device_ledger_is_updated_by_one_run_at_a_time(tmp_path):
+    """Another process asks for the lock while this one holds it: it must still be waiting after
+    it said it was about to ask (its imports done), and get the lock only once it is released."""
     state = DeviceState(tmp_path)
-    order: list[str] = []
-
-    def hold(name: str, seconds: float) -> None:
-        with state.locked():
-            order.append(f"{name} in")
-            time.sleep(seconds)
-            order.append(f"{name} out")
-
-    first = threading.Thread(target=hold, args=("a", 0.3))
-    first.start()
-    time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; from clients.state import DeviceState\n"
-        f"with DeviceState(Path({str(tmp_path)!r})).locked(): print('b in', flush=True)")],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    first.join()
+    with state.locked():
+        second = subprocess.Popen([sys.executable, "-c", (
+            "import sys; from pathlib import Path; from clients.state import DeviceState\n"
+            f"state = DeviceState(Path({str(tmp_path)!r}))\n"
+            "print('asking', flush=True)\n"
+            "with state.locked(): print('b in', flush=True)")],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert second.stdout.readline().strip() == "asking"
+        time.sleep(1.0)
+        assert second.poll() is None  # still blocked on the lock this process holds
     out, _ = second.communicate(timeout=60)
-    assert order == ["a in", "a out"] and out.strip() == "b in"  # the other process waited for the lock
+    assert out.strip() == "b in" and second.returncode == 0  # ... and it got it once released
 
 
 def test_a_device_owner_sees_their_own_epsilon(tmp_path):
