@@ -177,7 +177,9 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     before = list(account.history) if account is not None else None
     server_before = list(server.history) if server is not None else None
     secret = state.secret()
-    torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))  # dropout etc.
+    # dropout masks and plain batches: not DP draws (no guarantee rests on their secrecy), so torch's
+    # generator is fine here; every DP draw below comes from the secret's ChaCha20 streams
+    torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))
     model = _model(recognizer, msg)
     base = {k: v.clone() for k, v in recognizer.shared(model).items()}
     metrics: dict[str, float | int] = {}

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import dp_accounting
-import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,6 +32,7 @@ from fl.privacy.user import UserLevel, UserRound
 from server import aggregate
 from server.secure_round import SecureSum
 from server.server_app import ServerSettings, run_server
+from tests.seed_search import FAMILIES, Seeded
 from tests.conftest import TINY, OneDevice, fake_examples, train_message
 
 SEED = 0
@@ -42,46 +42,6 @@ SEED = 0
 # What an attacker can regenerate: every non-cryptographic generator torch and numpy offer, seeded
 # with anything public (the config, the round, the device key) or with any part of a stream key.
 # ---------------------------------------------------------------------------------------------------
-NUMPY_FAMILIES = ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
-
-
-class Seeded:
-    """A generator of one family seeded with ``seed``, drawing Gaussians the way the code would."""
-
-    def __init__(self, family: str, seed: int) -> None:
-        self.family, self.seed = family, seed
-
-    def gaussian_like(self, tensors, std, secure=False) -> list[torch.Tensor]:
-        """One generator for all tensors, drawn in order (as the pre-ChaCha code consumed its generator)."""
-        if self.family.startswith("torch"):
-            g = torch.Generator().manual_seed(self.seed)
-            draw = lambda shape: torch.normal(0.0, std, shape, generator=g,  # noqa: E731
-                                              dtype=torch.float64 if self.family == "torch64" else torch.float32)
-        elif self.family == "RandomState":
-            rs = np.random.RandomState(self.seed % 2**32)
-            draw = lambda shape: torch.from_numpy(rs.normal(0.0, std, shape))  # noqa: E731
-        else:
-            gen = np.random.Generator(getattr(np.random, self.family)(self.seed))
-            draw = lambda shape: torch.from_numpy(gen.normal(0.0, std, shape))  # noqa: E731
-        return [draw(tuple(t.shape)).to(t.dtype) for t in tensors]
-
-    def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False) -> torch.Tensor:
-        return self.gaussian_like([torch.empty(tuple(shape), dtype=dtype)], std, secure)[0]
-
-
-FAMILIES = ("torch", "torch64", "RandomState", *NUMPY_FAMILIES)
-
-
-def key_seeds(key: bytes) -> list[int]:
-    """Every seed an implementation could have taken from a stream key: each 4- and 8-byte window in
-    both byte orders, and the whole key (reduced to 32 and 64 bits)."""
-    seeds = {int.from_bytes(key, "big") % 2**32, int.from_bytes(key, "big") % 2**64}
-    for width in (4, 8):
-        for i in range(len(key) - width + 1):
-            seeds |= {int.from_bytes(key[i:i + width], order) for order in ("big", "little")}
-    return sorted(seeds)
-
-
 def _public_generators(purpose: str, seed: int, key: Optional[int], server_round: int) -> list:
     """Streams seeded with values anyone holding the config knows: b1a9959's schemes and the
     reproducible derivation for release indices 0..3 (the positive control), each as every family."""
@@ -90,51 +50,6 @@ def _public_generators(purpose: str, seed: int, key: Optional[int], server_round
     owner = "server" if key is None else f"device:{key}"
     gens += [Secret.from_seed(seed, owner).stream(purpose, i) for i in (server_round, 0, 1, 2, 3)]
     return gens
-
-
-def search_seeds(observed: torch.Tensor, std: float, bits: int, extra: list[int] = ()) -> list[tuple[str, int]]:
-    """Every (family, seed) whose Gaussians start like ``observed``: torch's generator over all
-    2**bits seeds drawing float32 (as the pre-ChaCha code did) and over 2**(bits - 4) drawing
-    float64, numpy's families over 2**(bits - 6) (2**(bits - 8) for the slow Mersenne Twisters),
-    and ``extra`` seeds in every family. A draw of 16 values (torch's vectorised size) matching to
-    1e-4 relative is a regenerated noise stream."""
-    target = observed.flatten()[:16].double()
-    first, tol = float(target[0]), 1e-4 * abs(float(target[0])) + 1e-6 * std
-    hits = []
-
-    def match(candidate: torch.Tensor) -> bool:
-        return abs(float(candidate[0]) - first) <= tol and bool(
-            torch.allclose(candidate.double(), target, rtol=1e-4, atol=1e-6 * std))
-
-    g = torch.Generator()
-    for dtype, name, count in ((torch.float32, "torch", 2**bits), (torch.float64, "torch64", 2 ** (bits - 4))):
-        for s in range(count):
-            g.manual_seed(s)
-            if match(torch.normal(0.0, std, (16,), generator=g, dtype=dtype)):
-                hits.append((name, s))
-    for family in ("RandomState", *NUMPY_FAMILIES):
-        seeds = range(2 ** (bits - (8 if family in ("RandomState", "MT19937") else 6)))
-        hits += [(family, s) for s in seeds if match(Seeded(family, s).gaussian((16,), std, torch.float64))]
-    for family in FAMILIES:
-        hits += [(family, s) for s in extra if match(Seeded(family, s).gaussian((16,), std, torch.float64))]
-    return hits
-
-
-def test_a_seed_search_finds_torch_seeded_noise_but_never_a_secret_stream():
-    """The attack of the audit, scaled down: 2**20 torch seeds (of 2**32: torch keeps 32 bits of a
-    seed) and every numpy family. It recovers the noise of a torch generator seeded with 64 bits whose
-    low bits are in range -- what the pre-ChaCha code drew -- and nothing of the secret stream,
-    not even with every seed that any part of the stream's key could give."""
-    cfg = UserPrivacyConfig(noise="central", noise_multiplier=2.0, clipping_norm=1.0)
-    user = UserLevel(cfg, devices=4, expected_cohort=4, sampling="fixed", planned_rounds=2)
-    secret = Secret(bytes(range(32)))  # pinned: the test is deterministic
-    release = user.aggregate([], {"w": torch.zeros(64)}, [], secret, server_round=1)["w"] * 4
-    std = 2.0
-    old_seed = (0x9E3779B9 << 32) | 0xBEEF  # 64 bits, low 32 bits in the searched range
-    old = torch.normal(0.0, std, (64,), generator=torch.Generator().manual_seed(old_seed))
-    assert ("torch", 0xBEEF) in search_seeds(old, std, bits=20)  # positive control: the attack works
-    key = secret.stream_key(SERVER_NOISE, 1)
-    assert search_seeds(release, std, bits=20, extra=key_seeds(key)) == []
 
 
 def _reply(settings: DeviceSettings, store: OneDevice, config: dict, server_round: int = 1) -> dict[str, torch.Tensor]:
