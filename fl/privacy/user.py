@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from fl import protocol
-from fl.config import UserPrivacyConfig
+from fl.config import USER_NOISE_PLACEMENTS, UserPrivacyConfig
 from fl.privacy.accounting import (
     UserLevelSpec,
     calibrate_noise_multiplier,
@@ -71,9 +71,6 @@ from fl.privacy.gaussian import (
 from fl.privacy.randomness import CLIP_COUNT, SERVER_NOISE, USER_NOISE, Secret
 
 log = logging.getLogger(__name__)
-
-NOISE_PLACEMENTS: tuple[str, ...] = ("central", "local", "distributed")
-
 
 CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive", "per_layer")
 # train-message config keys (server -> device) and echo metric keys (device -> server)
@@ -218,8 +215,8 @@ class UserLevel:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        if cfg.noise not in NOISE_PLACEMENTS:
-            raise ValueError(f"privacy.user.noise={cfg.noise!r}: expected one of {NOISE_PLACEMENTS}")
+        if cfg.noise not in USER_NOISE_PLACEMENTS:
+            raise ValueError(f"privacy.user.noise={cfg.noise!r}: expected one of {USER_NOISE_PLACEMENTS}")
         if cfg.clipping not in CLIPPINGS:
             raise ValueError(f"privacy.user.clipping={cfg.clipping!r}: expected one of {CLIPPINGS}")
         if cfg.noise == "distributed" and (cfg.population is not None or cfg.secure_threshold < 3):
