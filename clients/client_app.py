@@ -3,7 +3,9 @@
 On ``train`` the device loads the global weights and fine-tunes them on its own recordings -- with
 Opacus DP-SGD when sample-level privacy is on -- using exactly the mechanism parameters the server
 sent (``SampleLevel``, ``UserRound``), and replies with its model *update* (clipped and, under
-local or distributed user-level DP, noised with its share). Every DP draw comes from the device's
+local or distributed user-level DP, noised with its share); under DP-FedSGD
+(``privacy.sample.noise=central|distributed``) it trains nothing and replies with the sum of its
+Poisson batches' clipped per-utterance gradients (plus its noise share under ``distributed``). Every DP draw comes from the device's
 own secret (``clients/state.py``), never from anything the server knows. Under any privacy level
 the reply's metrics are the echo of those parameters and nothing else: no example count, loss or
 timing. Before training, the device checks every request against its own policy
@@ -91,7 +93,8 @@ class DeviceSettings:
     @property
     def secure(self) -> bool:
         """This device's app runs training under SecAgg+ (built with the secure mods, ``make_client_app``)."""
-        return self.user is not None and self.user.noise == "distributed"
+        return (self.user is not None and self.user.noise == "distributed") or \
+            (self.sample is not None and self.sample.noise == "distributed")
 
     @property
     def evaluates(self) -> bool:
@@ -158,7 +161,7 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     server_round = int(config[P.ROUND])  # type: ignore[arg-type]
     this_round = round_key(server_round, msg.content[P.ARRAYS], str(config.get(P.RUN_NONCE, "")))
     # noise split across devices (distributed): a repeat is never answered with the same bits (clients/state.py)
-    fresh = user is not None and user.noise_cohort > 1
+    fresh = (user is not None and user.noise_cohort > 1) or (sample is not None and sample.noise == "distributed")
     plan = state.plan(this_round, fresh=fresh)
     account: Optional[SampleAccount] = None
     server: Optional[ServerAccount] = None
@@ -180,19 +183,25 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     # dropout masks and plain batches: not DP draws (no guarantee rests on their secrecy), so torch's
     # generator is fine here; every DP draw below comes from the secret's ChaCha20 streams
     torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))
-    model = _model(recognizer, msg)
-    base = {k: v.clone() for k, v in recognizer.shared(model).items()}
     metrics: dict[str, float | int] = {}
-    if sample is not None:
+    if sample is not None and sample.aggregated:  # DP-FedSGD: the clipped sum goes out, the noise on the total
         assert account is not None
-        sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index)
+        update = sample.clipped_sum(msg.content[P.ARRAYS].to_torch_state_dict(), recognizer, device.train, account,
+                                    secret, plan.index)
         metrics |= sample.echo()
-    elif device.train:
-        seed = int.from_bytes(secret.stream_key(TRAINING, "batches", plan.index)[:8], "big")
-        loss = plain_round(model, recognizer, device.train, settings.train, seed)
-        if not settings.private:  # counts and losses are covered by no guarantee: sent only without DP
-            metrics |= {P.NUM_EXAMPLES: len(device.train), P.TRAIN_LOSS: loss}
-    update = model_delta(recognizer.shared(model), base)
+    else:
+        model = _model(recognizer, msg)
+        base = {k: v.clone() for k, v in recognizer.shared(model).items()}
+        if sample is not None:
+            assert account is not None
+            sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index)
+            metrics |= sample.echo()
+        elif device.train:
+            seed = int.from_bytes(secret.stream_key(TRAINING, "batches", plan.index)[:8], "big")
+            loss = plain_round(model, recognizer, device.train, settings.train, seed)
+            if not settings.private:  # counts and losses are covered by no guarantee: sent only without DP
+                metrics |= {P.NUM_EXAMPLES: len(device.train), P.TRAIN_LOSS: loss}
+        update = model_delta(recognizer.shared(model), base)
     if user is not None:
         assert server is not None
         update, bit = user.privatize(update, secret, plan.index)

@@ -36,6 +36,7 @@ MAX_SERVER_EPSILON = "max-server-epsilon"
 MIN_SAMPLE_Z = "min-sample-z"
 MIN_USER_Z = "min-user-z"
 ALLOW_USER_NOISE = "allow-user-noise"  # placements, comma-separated
+ALLOW_SAMPLE_NOISE = "allow-sample-noise"  # placements, comma-separated
 PRIVACY_DELTA = "privacy-delta"
 NO_BUDGET = "none"
 """A budget's value for "no budget" (``inf`` works too)."""
@@ -51,17 +52,23 @@ def _budget(node: Mapping[str, Any], key: str, default: Optional[float]) -> Opti
     return None if math.isinf(number) else number
 
 
+def _placements(node: Mapping[str, Any], key: str, default: list[str]) -> list[str]:
+    if key not in node:
+        return list(default)
+    return [p.strip() for p in str(node[key]).split(",") if p.strip()]
+
+
 def policy_from_node_config(node: Mapping[str, Any]) -> DevicePolicy:
     """The device's own policy from its node config; every missing key takes the safe default.
 
     Raises ``ValueError`` for one that cannot apply (the device then trains in no run)."""
     d = DevicePolicy()
-    allowed = d.allowed_user_noise if ALLOW_USER_NOISE not in node else [
-        p.strip() for p in str(node[ALLOW_USER_NOISE]).split(",") if p.strip()]
     policy = DevicePolicy(
         min_sample_z=float(node.get(MIN_SAMPLE_Z, d.min_sample_z)),
         min_user_z=float(node.get(MIN_USER_Z, d.min_user_z)),
-        allowed_user_noise=list(allowed), max_sample_epsilon=_budget(node, MAX_EPSILON, d.max_sample_epsilon),
+        allowed_user_noise=_placements(node, ALLOW_USER_NOISE, d.allowed_user_noise),
+        allowed_sample_noise=_placements(node, ALLOW_SAMPLE_NOISE, d.allowed_sample_noise),
+        max_sample_epsilon=_budget(node, MAX_EPSILON, d.max_sample_epsilon),
         max_server_epsilon=_budget(node, MAX_SERVER_EPSILON, d.max_server_epsilon),
         delta=float(node.get(PRIVACY_DELTA, d.delta)))
     policy.check()

@@ -13,10 +13,11 @@ history live in ``--state`` and survive restarts.
 The device sets its own floor: every train request is checked, before training, against this
 device's policy -- not the server's word -- and declined with a fixed reason code if it asks for
 less noise than ``--min-sample-z`` / ``--min-user-z``, a user-level placement not in
-``--allow-user-noise`` (``central``, a clear update to a trusted server, is refused unless listed),
-or would take the device past ``--max-epsilon`` (sample-level) or ``--max-server-epsilon`` (what
-servers learn from its user-level releases), over every run (``clients/policy.py``). The defaults
-are safe; anything weaker is the operator's explicit choice.
+``--allow-user-noise`` or a sample-level one not in ``--allow-sample-noise`` (for both, ``central``
+-- the clipped update or gradient sum sent in clear to a server you trust -- is refused unless
+listed), or would take the device past ``--max-epsilon`` (sample-level) or ``--max-server-epsilon``
+(what servers learn from its user-level releases), over every run (``clients/policy.py``). The
+defaults are safe; anything weaker is the operator's explicit choice.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from clients.device_app import (
+    ALLOW_SAMPLE_NOISE,
     ALLOW_USER_NOISE,
     AUDIT_DIR,
     MAX_EPSILON,
@@ -41,7 +43,7 @@ from clients.device_app import (
 )
 from clients.local import DATA_DIR, STATE_DIR, corpus_kind
 from clients.state import DeviceState
-from fl.config import USER_NOISE_PLACEMENTS, DevicePolicy
+from fl.config import SAMPLE_NOISE_PLACEMENTS, USER_NOISE_PLACEMENTS, DevicePolicy
 from fl.data.readers import CorpusError, read_corpus
 from fl.deploy.flower import console_logging, flower_env, toml_string, tool
 
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 def policy_of(args: argparse.Namespace) -> DevicePolicy:
     """The device's policy as its flags say (raises ``ValueError`` for one that cannot apply)."""
     policy = DevicePolicy(min_sample_z=args.min_sample_z, min_user_z=args.min_user_z,
-                          allowed_user_noise=list(args.allow_user_noise), max_sample_epsilon=args.max_epsilon,
+                          allowed_user_noise=list(args.allow_user_noise),
+                          allowed_sample_noise=list(args.allow_sample_noise), max_sample_epsilon=args.max_epsilon,
                           max_server_epsilon=args.max_server_epsilon, delta=args.privacy_delta)
     policy.check()
     return policy
@@ -65,6 +68,7 @@ def policy_node_config(policy: DevicePolicy) -> list[str]:
     """The policy as ``--node-config`` entries (every field: ``clients/device_app.py`` reads them back)."""
     return [f"{MIN_SAMPLE_Z}={float(policy.min_sample_z)!r}", f"{MIN_USER_Z}={float(policy.min_user_z)!r}",
             f"{ALLOW_USER_NOISE}={toml_string(','.join(policy.allowed_user_noise))}",
+            f"{ALLOW_SAMPLE_NOISE}={toml_string(','.join(policy.allowed_sample_noise))}",
             f"{MAX_EPSILON}={_toml_budget(policy.max_sample_epsilon)}",
             f"{MAX_SERVER_EPSILON}={_toml_budget(policy.max_server_epsilon)}",
             f"{PRIVACY_DELTA}={float(policy.delta)!r}"]
@@ -100,13 +104,16 @@ def _budget_text(value: Optional[float]) -> str:
 
 def policy_lines(policy: Optional[dict]) -> list[str]:
     """The device's policy as ``status`` shows it (as ``unheard-device`` last started it)."""
+    d = DevicePolicy()
     if policy is None:
-        d = DevicePolicy()
         return [f"policy        not recorded (unheard-device writes it at start; its defaults: z >= "
-                f"{d.min_sample_z:g} sample, {d.min_user_z:g} user; noise {','.join(d.allowed_user_noise)}; "
+                f"{d.min_sample_z:g} sample, {d.min_user_z:g} user; user noise {','.join(d.allowed_user_noise)}; "
+                f"sample noise {','.join(d.allowed_sample_noise)}; "
                 f"budgets {_budget_text(d.max_sample_epsilon)} sample, {_budget_text(d.max_server_epsilon)} server)"]
+    sample_noise = policy.get("allowed_sample_noise", d.allowed_sample_noise)  # absent from an older record
     return [f"policy        noise multiplier >= {policy['min_sample_z']:g} (DP-SGD), >= {policy['min_user_z']:g} "
-            f"(user-level); user-level noise: {', '.join(policy['allowed_user_noise']) or 'none'}",
+            f"(user-level); user-level noise: {', '.join(policy['allowed_user_noise']) or 'none'}; "
+            f"sample-level noise: {', '.join(sample_noise) or 'none'}",
             f"budgets       sample-level {_budget_text(policy['max_sample_epsilon'])}, server-facing "
             f"{_budget_text(policy['max_server_epsilon'])} (at delta {policy['delta']:g}, every run)"]
 
@@ -149,12 +156,16 @@ def _budget(text: str) -> Optional[float]:
     return float(text)
 
 
-def _placements(text: str) -> list[str]:
-    out = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in out if p not in USER_NOISE_PLACEMENTS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad} not among {USER_NOISE_PLACEMENTS}")
-    return out
+def _placements(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """A flag's parser for comma-separated placements, each one of ``choices``."""
+    def parse(text: str) -> list[str]:
+        out = [p.strip() for p in text.split(",") if p.strip()]
+        bad = [p for p in out if p not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not among {tuple(choices)}")
+        return out
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,10 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min-user-z", type=float, default=d.min_user_z,
                        help="lowest user-level noise multiplier accepted for local/distributed noise "
                             "(default %(default)s)")
-    group.add_argument("--allow-user-noise", type=_placements, default=list(d.allowed_user_noise),
+    group.add_argument("--allow-user-noise", type=_placements(USER_NOISE_PLACEMENTS),
+                       default=list(d.allowed_user_noise),
                        help="user-level noise placements accepted, comma-separated, of "
                             f"{','.join(USER_NOISE_PLACEMENTS)} (default {','.join(d.allowed_user_noise)}; "
                             "central sends the clipped update in clear to a server you trust)")
+    group.add_argument("--allow-sample-noise", type=_placements(SAMPLE_NOISE_PLACEMENTS),
+                       default=list(d.allowed_sample_noise),
+                       help="sample-level (DP-SGD) noise placements accepted, comma-separated, of "
+                            f"{','.join(SAMPLE_NOISE_PLACEMENTS)} (default {','.join(d.allowed_sample_noise)}; "
+                            "central sends the clipped gradient sum in clear to a server you trust)")
     group.add_argument("--max-epsilon", type=_budget, default=d.max_sample_epsilon,
                        help="this device's sample-level budget over every run, or none (default %(default)s)")
     group.add_argument("--max-server-epsilon", type=_budget, default=d.max_server_epsilon,

@@ -36,7 +36,8 @@ from fl import protocol as P
 from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserRound
 
-_SAMPLE_ECHO = frozenset(SampleLevel(1.0, 1.0, 1.0, 1).echo())
+_SAMPLE_ECHO = frozenset(SampleLevel(1.0, 1.0, 1.0, 1).echo()) | frozenset(
+    SampleLevel(1.0, 1.0, 1.0, 1, noise="distributed", expected_batch=1.0, sum_cap=1.0, noise_cohort=3).echo())
 _USER_ECHO = frozenset(UserRound(1.0, 1.0, 0).echo())
 _NON_PRIVATE = frozenset({P.NUM_EXAMPLES, P.TRAIN_LOSS, P.WER, P.CER, P.LOSS, P.WORDS, P.CHARS})
 

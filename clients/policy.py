@@ -5,9 +5,10 @@ device applies exactly it -- but only after checking it against its own
 :class:`~fl.config.DevicePolicy`, which no server can set (a deployed device's comes from its own
 node config, ``clients/device_app.py``):
 
-1. placement (:data:`~fl.protocol.DECLINED_PLACEMENT`): user-level noise must be placed where the
-   policy allows; ``central`` means the device sends its clipped update in clear to a server it
-   must trust;
+1. placement (:data:`~fl.protocol.DECLINED_PLACEMENT`): user-level and sample-level noise must be
+   placed where the policy allows (``allowed_user_noise``, ``allowed_sample_noise``); ``central``
+   means the device sends its clipped update (or clipped gradient sum) in clear to a server it must
+   trust, and a noise share split across devices is refused outside secure aggregation;
 2. floors (:data:`~fl.protocol.DECLINED_NOISE_FLOOR`): DP-SGD's z >= ``min_sample_z``, and z >=
    ``min_user_z`` for user-level noise the device adds itself (local, distributed); a request with
    no DP at all is below every floor unless both are 0;
@@ -67,6 +68,13 @@ def check_mechanism(policy: DevicePolicy, sample: Optional[SampleLevel], user: O
     this device's update with 1/t of the noise variance. Adaptive clipping's clip bit leaves in
     clear, so it is refused unless the placement is central (a server the device trusts anyway).
     """
+    if sample is not None and sample.noise not in policy.allowed_sample_noise:
+        return Refusal(P.DECLINED_PLACEMENT, f"sample-level noise={sample.noise} is not among this device's allowed "
+                       f"placements {list(policy.allowed_sample_noise)}", {"sample_placement": sample.noise})
+    if sample is not None and sample.noise == "distributed" and not secure:
+        return Refusal(P.DECLINED_PLACEMENT, f"a DP-FedSGD noise share of 1/{sample.noise_cohort} asked outside secure "
+                       "aggregation: the server would see this sum with less than its accounted noise",
+                       {"sample_placement": sample.noise, "noise_cohort": sample.noise_cohort})
     where = placement(user)
     if where is not None and where not in policy.allowed_user_noise:
         return Refusal(P.DECLINED_PLACEMENT, f"user-level noise={where} is not among this device's allowed placements "

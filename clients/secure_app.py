@@ -31,7 +31,7 @@ existing app-level ``outbound_guard`` must move to ``evaluate``)::
 from __future__ import annotations
 
 import logging
-from typing import Collection, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -43,7 +43,10 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from clients.guard import DeviceError, OutboundViolation, check_reply, coded_errors, error_code
 from fl import protocol as P
+from fl.config import SamplePrivacyConfig
 from fl.privacy import masks
+from fl.privacy.sample import NOISE as SAMPLE_NOISE
+from fl.privacy.sample import SampleLevel
 from fl.privacy.secagg import SECURE_NAMES, clipping_range_for
 from fl.privacy.user import WIRE_C, WIRE_CLIPPING, WIRE_COHORT, WIRE_Z, UserRound
 
@@ -60,6 +63,22 @@ _SECAGG_REPLY_KEYS = {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, 
 masks.install()
 
 
+def _shares(config: Mapping[str, Any], numel: int) -> list[tuple[int, float]]:
+    """For each noise share the request asks for (user level, DP-FedSGD): its noise cohort and the
+    SecAgg+ range a clipped, noised contribution of ``numel`` coordinates needs."""
+    out = []
+    if all(k in config for k in (WIRE_Z, WIRE_C, WIRE_COHORT, WIRE_CLIPPING)):
+        share = UserRound.from_message(config)
+        out.append((share.noise_cohort, clipping_range_for(share.clip_norm, share.device_std, numel, 1)))
+    elif WIRE_COHORT in config:  # a cohort without the rest of the mechanism: still never above the threshold
+        out.append((int(config[WIRE_COHORT]), 0.0))  # type: ignore[arg-type]
+    if SAMPLE_NOISE in config:
+        sample = SampleLevel.from_message(config, SamplePrivacyConfig())
+        if sample.aggregated:
+            out.append((sample.noise_cohort, clipping_range_for(sample.sum_cap, sample.device_std, numel, 1)))
+    return out
+
+
 def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Translate between the legacy FitIns/FitRes layout of SecAgg+ and our train message (see module doc)."""
     if msg.metadata.message_type != MessageType.TRAIN or FITINS_ARRAYS not in msg.content:
@@ -70,14 +89,12 @@ def fitres_adapter(msg: Message, context: Context, call_next: ClientAppCallable)
     weights = {name: bytes_to_ndarray(legacy[str(i)].data) for i, name in enumerate(names)}
     secagg = context.state.config_records[RECORD_KEY_STATE]
     threshold = int(secagg["threshold"])  # type: ignore[arg-type]
-    if WIRE_COHORT in config and int(config[WIRE_COHORT]) > threshold:  # type: ignore[arg-type]
-        raise OutboundViolation(f"noise cohort {config[WIRE_COHORT]} exceeds the SecAgg+ threshold {threshold}: "
-                                "the decoded sum could carry less noise than accounted; not contributing")
     bound = float(secagg["clipping_range"])  # type: ignore[arg-type]
-    if all(k in config for k in (WIRE_Z, WIRE_C, WIRE_COHORT, WIRE_CLIPPING)):
-        share = UserRound.from_message(config)
-        numel = sum(w.size for w in weights.values() if w.dtype.kind == "f")
-        needed = clipping_range_for(share.clip_norm, share.device_std, max(1, numel), 1)
+    numel = max(1, sum(w.size for w in weights.values() if w.dtype.kind == "f"))
+    for cohort, needed in _shares(config, numel):
+        if cohort > threshold:
+            raise OutboundViolation(f"noise cohort {cohort} exceeds the SecAgg+ threshold {threshold}: the decoded "
+                                    "sum could carry less noise than accounted; not contributing")
         if not bound >= needed:  # SecAgg+ clips each coordinate to the range: it would cut the noise share
             raise OutboundViolation(f"SecAgg+ range {bound:.4g} is below the {needed:.4g} a clipped, noised update "
                                     "needs: range clipping would remove part of the noise; not contributing")

@@ -20,6 +20,15 @@
 * ``rss_gb_10k``: peak memory (sum of the proportional set size, PSS, of the simulation's whole
   process tree: driver, Ray and its actors) of one round of a 10,000-device Conformer population
   with a cohort of 50.
+* ``aggregate_round_seconds``: one round of DP-FedSGD (``experiment=private_gain``: 125 speechocean762
+  devices, all asked, each drawing one Poisson batch at the public q and sending its clipped sum;
+  the server noises the total once) on the Whisper preset, a round that is not scored (the preset
+  scores only round 0 and the last), over ``aggregate_bare_seconds``: the same expected number of
+  example gradients (q x the pooled training recordings, about 64) through
+  ``SampleLevel.clipped_sum`` as ONE device in this process (same clipping, same per-sample
+  gradients: the unavoidable compute); ``aggregate_round_ratio`` is the first over the second.
+  Needs ``../shared/data/speechocean762`` (or ``UNHEARD_DATA``); without it the figure reports
+  ``aggregate_round_skipped``. Features go to the default cache (``.cache``, or ``UNHEARD_CACHE``).
 * ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
   synthesising the corpus, featurising it with the Whisper seed's encoder, the federated run.
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -39,12 +49,12 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from clients.state import DeviceState
-from fl.config import ModelConfig, TrainConfig
+from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
 from fl.data.features import Batch
 from fl.model import Recognizer, build_recognizer
 from fl.model.whisper import DEFAULT_TRAINABLE
@@ -318,8 +328,68 @@ def whisper_round(work: Path) -> dict[str, float]:
             "whisper_run_seconds": seconds, "whisper_peak_gb": peak}
 
 
-RUNS: dict[str, Callable[[Path], dict[str, float]]] = {"sim_overhead": sim_overhead, "rss_10k": rss_10k,
-                                                       "whisper_round": whisper_round, "demo": demo}
+def _speechocean762() -> Path:
+    """Where ``conf/data/speechocean762.yaml`` reads the corpus (``UNHEARD_DATA`` or ``../shared/data``)."""
+    return Path(os.environ.get("UNHEARD_DATA", ROOT / ".." / "shared" / "data")) / "speechocean762"
+
+
+def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
+                    cache: Optional[Path] = None, repeats: int = 3) -> dict[str, object]:
+    """DP-FedSGD (``experiment=private_gain``): the wall seconds of a round that is not scored, over
+    the seconds of ``SampleLevel.clipped_sum`` on the same expected number of example gradients as
+    one device in this process. ``extra`` overrides (a smaller dry run); ``cache``: the feature
+    cache (default: the checkout's). The noise multiplier is fixed (0.7, about what the preset's
+    epsilon 8 over its 60 rounds asks) rather than calibrated for these few rounds: it costs nothing."""
+    corpus = _speechocean762()
+    if not (corpus / "train").is_dir() or not (corpus / "dev").is_dir():
+        return {"aggregate_round_skipped": f"no speechocean762 corpus at {corpus} (set UNHEARD_DATA)"}
+    out = work / "aggregate-round"
+    seconds, peak = simulate(out, "experiment=private_gain", f"federation.rounds={rounds}",
+                             "privacy.sample.target_epsilon=null", "privacy.sample.noise_multiplier=0.7",
+                             "audit.membership=false", "audit.canaries=0", *extra, cache=cache)
+    config = json.loads((out / "summary.json").read_text())["config"]
+    final = int(config["federation"]["rounds"])
+    rows = [r for r in read_private_rounds(out) if 0 < r["round"] < final]  # neither the seed's nor the scored last
+    if not rows:
+        raise RuntimeError(f"{out}: no unscored round to time (federation.rounds={final}; needs >= 2)")
+    sim = sum(r["seconds"] for r in rows) / len(rows)
+    bare = aggregate_bare(out, repeats)
+    return {"aggregate_round_seconds": sim, **bare,
+            "aggregate_round_ratio": sim / bare["aggregate_bare_seconds"],
+            "aggregate_round_devices": sum(r["clients"] for r in rows) / len(rows),
+            "aggregate_cohort": int(config["federation"]["clients_per_round"]), "aggregate_rounds_timed": len(rows),
+            "aggregate_run_seconds": seconds, "aggregate_peak_gb": peak}
+
+
+def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
+    """Seconds of ``SampleLevel.clipped_sum`` (the run ``out``'s mechanism and recognizer, its last
+    model) on the example gradients one of its rounds draws in expectation -- q x the pooled training
+    recordings of its fleet, drawn once -- as ONE device's one batch, in this process."""
+    config = json.loads((out / "summary.json").read_text())["config"]
+    final = int(config["federation"]["rounds"])
+    recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"])
+    train = TrainConfig(**config["train"])
+    pool = [e for path in sorted((out / "fleet").glob("device-*.pt"))
+            for e in torch.load(path, weights_only=False)["train"]]
+    level = SampleLevel.from_config(SamplePrivacyConfig(**config["privacy"]["sample"]), train, final,
+                                    int(config["federation"]["clients_per_round"]))
+    size = max(1, round(level.sample_rate * len(pool)))
+    examples = random.Random(0).sample(pool, size)
+    one_batch = replace(level, sample_rate=1.0)  # every one of them drawn, in each of its steps' batches
+    secret = Secret.from_seed(0, "bench")
+    torch.manual_seed(0)
+    model = recognizer.module_from(torch.load(out / "checkpoints" / f"round-{final:03d}.pt",
+                                              weights_only=False)["state_dict"])
+    seconds = _time(lambda: one_batch.clipped_sum(model, recognizer, examples, SampleAccount(), secret, 0),
+                    1, repeats)
+    return {"aggregate_bare_seconds": seconds, "aggregate_bare_examples": size,
+            "aggregate_pooled_recordings": len(pool), "aggregate_sample_rate": level.sample_rate,
+            "aggregate_steps": level.steps}
+
+
+RUNS: dict[str, Callable[[Path], Mapping[str, object]]] = {
+    "sim_overhead": sim_overhead, "rss_10k": rss_10k, "whisper_round": whisper_round,
+    "aggregate_round_seconds": aggregate_round, "demo": demo}
 
 
 def main() -> None:

@@ -1,11 +1,18 @@
-"""`unheard-collect DIR...`: gather finished runs into ``curves.csv``, ``curves.md`` and plots.
+"""`unheard-collect DIR...`: gather finished runs into ``curves.csv``, ``points.csv``, ``curves.md`` and plots.
 
 Works on any run directories (one run, a Hydra multirun, a tree of sweeps): every folder below
 the given ones that holds a ``summary.json`` is a run; ``results.jsonl`` and ``audit.json``
 beside it add the per-round figures and the leakage audit, and ``experimenter_view.json`` the
 devices' test-split WER a private simulation's experimenter computed (covered by no DP, labelled
-so). Nothing is recomputed: every number in the outputs is one a run wrote. Nothing is read from a
-run's ``private/`` folder: a private run's wall time is not published, so its ``seconds`` is empty.
+so). Nothing is recomputed from the data: every number in the outputs is one a run wrote, or the
+mean / sample standard deviation / min / max of those over the repeats of a *point*. Nothing is read
+from a run's ``private/`` folder: a private run's wall time is not published, so its ``seconds`` is empty.
+
+A point (:func:`point_of`) is the set of runs with the same preset name, mechanism and privacy
+parameters (sigma, z, target epsilon, the realised epsilons rounded to 2 decimals, rounds, noise
+randomness): repeats that differ only in their secrets. ``curves.csv`` has one line per run (its
+``point`` column names the group), ``points.csv`` one per point, and ``curves.md`` the per-point
+table first, then the per-run one.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import argparse
 import csv
 import json
 import logging
+import statistics
 import sys
-from dataclasses import asdict, dataclass, fields
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -35,7 +44,10 @@ class CurveRow:
     mechanism: str
     sigma: Optional[float]
     z: Optional[float]
+    target_epsilon: Optional[float]
     epsilon_sample: Optional[float]
+    epsilon_sample_rdp: Optional[float]
+    accountant_sample: Optional[str]
     delta_sample: Optional[float]
     epsilon_user: Optional[float]
     epsilon_user_server: Optional[float]
@@ -58,24 +70,34 @@ class CurveRow:
     canaries_trained: Optional[int]
     stopped_early: Optional[str]
     seconds: Optional[float]
+    point: str = ""
+    """The point (group of repeats) this run belongs to: :func:`point_of`."""
 
 
 def mechanism_of(summary: dict[str, Any]) -> str:
-    """``central-finetune``, ``none``, ``sample``, ``user-<noise>`` or ``both-<noise>``, with
-    ``-extrapolated`` when the user-level epsilon is for a stated population, not the simulated one."""
+    """``central-finetune``, ``none``, ``sample`` (on-device DP-SGD), ``sample-central`` (DP-FedSGD:
+    the server adds the noise), ``sample-distributed``, ``user-<noise>`` or ``both-<noise>``, with
+    ``-extrapolated`` when the user-level epsilon is for a stated population, not the simulated one.
+    A sample-level block without ``noise`` (older summaries) is on-device DP-SGD: ``sample``."""
     if summary.get("kind") == "central":
         return "central-finetune"
     privacy = summary["privacy"]
     sample, user = privacy.get("sample"), privacy.get("user")
     if user is None:
-        return "sample" if sample else _configured(summary)
+        return _sample_mechanism(sample) if sample else _configured(summary)
     level = "both" if sample or summary["config"]["privacy"].get("sample") else "user"
     return f"{level}-{user['noise']}" + ("-extrapolated" if user.get("extrapolated") else "")
 
 
+def _sample_mechanism(sample: dict[str, Any]) -> str:
+    noise = sample.get("noise") or "device"
+    return "sample" if noise == "device" else f"sample-{noise}"
+
+
 def _configured(summary: dict[str, Any]) -> str:
     """A run whose devices never reported sample-level spend still has the mechanism it was configured with."""
-    return "sample" if summary["config"]["privacy"].get("sample") else "none"
+    configured = summary["config"]["privacy"].get("sample")
+    return "none" if configured is None else _sample_mechanism(configured)
 
 
 def _attack(audit: dict[str, Any], population: str, key: str) -> Optional[float]:
@@ -92,11 +114,13 @@ def row_from_run(run_dir: Path, root: Path) -> CurveRow:
     canaries = audit.get("canaries") or {}
     view = read_experimenter_view(run_dir) or {}
     devices = (view.get("simulation_eval") or summary)["final"]
-    return CurveRow(
+    row = CurveRow(
         run=str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         name=summary["config"]["name"], mechanism=mechanism_of(summary),
         sigma=sample.get("noise_multiplier"), z=user.get("noise_multiplier"),
-        epsilon_sample=sample.get("epsilon"), delta_sample=sample.get("delta"),
+        target_epsilon=sample.get("target_epsilon"),
+        epsilon_sample=sample.get("epsilon"), epsilon_sample_rdp=sample.get("epsilon_rdp"),
+        accountant_sample=sample.get("accountant"), delta_sample=sample.get("delta"),
         epsilon_user=user.get("epsilon"), epsilon_user_server=user.get("epsilon_server"), delta_user=user.get("delta"),
         extrapolated=bool(user.get("extrapolated")), randomness=privacy.get("randomness", "secret"),
         amplification=user.get("amplification"),
@@ -110,6 +134,117 @@ def row_from_run(run_dir: Path, root: Path) -> CurveRow:
         canary_exposure=canaries.get("mean_exposure"), canaries_trained=canaries.get("trained"),
         stopped_early=summary.get("stopped_early"), seconds=summary.get("seconds"),
     )
+    return replace(row, point=point_of(row))
+
+
+def _key(x: Optional[float], digits: int) -> Optional[float]:
+    return None if x is None else round(float(x), digits)
+
+
+def _sig(x: Optional[float], digits: int = 6) -> Optional[float]:
+    return None if x is None else float(f"{float(x):.{digits}g}")
+
+
+def point_of(row: CurveRow) -> str:
+    """The name of ``row``'s point: preset name, mechanism and every privacy parameter that must agree
+    between repeats (sigma and z to 6 significant digits, the realised epsilons to 2 decimals).
+    Repeats of one configuration with fresh secrets share it; anything else tells them apart."""
+    parts = [row.mechanism, row.name]
+    for label, value in (("target_eps", _sig(row.target_epsilon)), ("sigma", _sig(row.sigma)), ("z", _sig(row.z)),
+                         ("eps_sample", _key(row.epsilon_sample, 2)), ("eps_user", _key(row.epsilon_user, 2)),
+                         ("eps_user_server", _key(row.epsilon_user_server, 2))):
+        if value is not None:
+            parts.append(f"{label}={value:g}")
+    parts.append(f"rounds={row.rounds}")
+    if row.randomness != "secret":
+        parts.append(f"randomness={row.randomness}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean, sample standard deviation (ddof=1; None for a single run), min and max of ``n`` values."""
+
+    n: int
+    mean: Optional[float]
+    std: Optional[float]
+    min: Optional[float]
+    max: Optional[float]
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> "Stats":
+        xs = [float(v) for v in values if v is not None]
+        if not xs:
+            return cls(0, None, None, None, None)
+        return cls(len(xs), statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, min(xs), max(xs))
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """The repeats of one configuration (:func:`point_of`) and their accuracy over the repeats.
+
+    The privacy figures are those of the repeats (equal up to rounding); where they are not exactly
+    equal, the largest is kept and ``epsilon_varies`` says so."""
+
+    point: str
+    name: str
+    mechanism: str
+    sigma: Optional[float]
+    z: Optional[float]
+    target_epsilon: Optional[float]
+    epsilon_sample: Optional[float]
+    epsilon_sample_rdp: Optional[float]
+    accountant_sample: Optional[str]
+    epsilon_user: Optional[float]
+    epsilon_user_server: Optional[float]
+    epsilon_varies: bool
+    extrapolated: bool
+    randomness: str
+    rounds: int
+    n: int
+    seed_wer: Optional[float]
+    wer: Stats
+    cer: Stats
+    device_wer: Stats
+    all_below_seed: bool
+    runs: tuple[str, ...]
+
+
+def _largest(values: list[Optional[float]]) -> tuple[Optional[float], bool]:
+    """The largest of ``values`` (None if all are) and whether they differ."""
+    present = [v for v in values if v is not None]
+    return (max(present) if present else None), len(set(values)) > 1
+
+
+def points_of(rows: list[CurveRow]) -> list[CurvePoint]:
+    """Group ``rows`` by :attr:`CurveRow.point` into :class:`CurvePoint` s (by mechanism, then epsilon)."""
+    groups: dict[str, list[CurveRow]] = defaultdict(list)
+    for r in rows:
+        groups[r.point or point_of(r)].append(r)
+    points = []
+    for name, members in groups.items():
+        members.sort(key=lambda r: r.run)
+        first = members[0]
+        eps_s, varies_s = _largest([r.epsilon_sample for r in members])
+        eps_rdp, varies_rdp = _largest([r.epsilon_sample_rdp for r in members])
+        eps_u, varies_u = _largest([r.epsilon_user for r in members])
+        eps_us, varies_us = _largest([r.epsilon_user_server for r in members])
+        varies = varies_s or varies_rdp or varies_u or varies_us
+        if varies:
+            log.warning("point %r: its %d runs' epsilons differ below the rounding; reporting the largest",
+                        name, len(members))
+        points.append(CurvePoint(
+            point=name, name=first.name, mechanism=first.mechanism, sigma=first.sigma, z=first.z,
+            target_epsilon=first.target_epsilon, epsilon_sample=eps_s, epsilon_sample_rdp=eps_rdp,
+            accountant_sample=first.accountant_sample, epsilon_user=eps_u, epsilon_user_server=eps_us,
+            epsilon_varies=varies, extrapolated=first.extrapolated, randomness=first.randomness, rounds=first.rounds,
+            n=len(members), seed_wer=Stats.of(r.seed_wer for r in members).mean,
+            wer=Stats.of(r.wer for r in members), cer=Stats.of(r.cer for r in members),
+            device_wer=Stats.of(r.device_wer for r in members),
+            all_below_seed=all(r.wer < r.seed_wer for r in members), runs=tuple(r.run for r in members),
+        ))
+    points.sort(key=lambda p: (p.mechanism, p.name, -(p.epsilon_user or p.epsilon_sample or 0), p.point))
+    return points
 
 
 def find_runs(dirs: Iterable[Path]) -> list[Path]:
@@ -137,6 +272,58 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _pct_stats(s: Stats) -> str:
+    """``mean ± std`` in percent; ``-`` for the std of a single run, ``-`` alone for no values."""
+    if s.mean is None:
+        return "-"
+    return f"{_pct(s.mean)} ± {_pct(s.std)}"
+
+
+def _device_stats(p: CurvePoint) -> str:
+    """The device-test WER over the runs that scored it, saying so when that is not all of them."""
+    text = _pct_stats(p.device_wer)
+    return text if p.device_wer.n in (0, p.n) else f"{text} ({p.device_wer.n} of {p.n} runs)"
+
+
+def _eps(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _eps_sample(p: CurvePoint) -> str:
+    """``6.19 (pld; rdp 7.12)``: the reported figure, its accountant and the RDP figure beside it."""
+    if p.epsilon_sample is None:
+        return "-"
+    notes = [n for n in (p.accountant_sample, None if p.epsilon_sample_rdp is None else
+                         f"rdp {_eps(p.epsilon_sample_rdp)}") if n]
+    return _eps(p.epsilon_sample) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _runs(n: int) -> str:
+    return "**1 (single run: no spread)**" if n == 1 else f"{n} (fewer than 3)" if n < 3 else str(n)
+
+
+def points_table(points: list[CurvePoint]) -> str:
+    """One line per point: its mechanism and guarantee, and accuracy as mean ± sample std over its runs."""
+    head = ("| mechanism | preset | sigma / z | target eps | eps sample | eps user | n runs | WER % | CER % | "
+            "device WER % | seed WER % | every run below seed |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p in points:
+        eps_user = _eps(p.epsilon_user) + (" (extrapolated)" if p.extrapolated else "")
+        if p.epsilon_user_server is not None:
+            eps_user += f"; server {_eps(p.epsilon_user_server)}"
+        if p.randomness != "secret":
+            eps_user += " (reproducible noise: no protection)"
+        eps_sample = _eps_sample(p)
+        if p.epsilon_varies:
+            eps_sample += " (largest of the runs)"
+        lines.append(
+            f"| {p.mechanism} | {p.name} | {_fmt(p.sigma)} / {_fmt(p.z)} | {_fmt(p.target_epsilon)} | {eps_sample} | "
+            f"{eps_user} | {_runs(p.n)} | {_pct_stats(p.wer)} | {_pct_stats(p.cer)} | {_device_stats(p)} | "
+            f"{_pct(p.seed_wer)} | {'yes' if p.all_below_seed else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[CurveRow]) -> str:
     """The table experiments/README.md shows: one line per run, private mechanisms by epsilon."""
     head = ("| mechanism | sigma | z | eps sample | eps user (models) | eps user (server) | WER % | CER % | "
@@ -159,6 +346,12 @@ def markdown_table(rows: list[CurveRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curves_markdown(rows: list[CurveRow], points: list[CurvePoint]) -> str:
+    """``curves.md``: the per-point table (mean ± std over repeats), then the per-run table."""
+    return ("## Points (mean ± sample std over each point's runs)\n\n" + points_table(points)
+            + "\n## Runs\n\n" + markdown_table(rows))
+
+
 def write_csv(rows: list[CurveRow], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(CurveRow)])
@@ -167,8 +360,30 @@ def write_csv(rows: list[CurveRow], path: Path) -> None:
             writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
 
 
+_STATS = ("wer", "cer", "device_wer")
+
+
+def point_record(p: CurvePoint) -> dict[str, Any]:
+    """One ``points.csv`` line: the point's figures, then ``<metric>_{n,mean,std,min,max}`` per metric."""
+    record = {fl.name: getattr(p, fl.name) for fl in fields(CurvePoint) if fl.name not in _STATS + ("runs",)}
+    for metric in _STATS:
+        stats = getattr(p, metric)
+        record |= {f"{metric}_{k}": getattr(stats, k) for k in ("n", "mean", "std", "min", "max")}
+    record["runs"] = ";".join(p.runs)
+    return record
+
+
+def write_points_csv(points: list[CurvePoint], path: Path) -> None:
+    records = [point_record(p) for p in points]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+
+
 def collect(dirs: list[Path], out: Path) -> list[CurveRow]:
-    """Read every run below ``dirs``; write ``curves.csv``, ``curves.md`` and the plots to ``out``."""
+    """Read every run below ``dirs``; write ``curves.csv``, ``points.csv``, ``curves.md`` and the plots to ``out``."""
     root = Path(dirs[0]).resolve() if len(dirs) == 1 else Path("/")
     rows, series = [], {}
     for run_dir in find_runs(dirs):
@@ -181,11 +396,13 @@ def collect(dirs: list[Path], out: Path) -> list[CurveRow]:
         series[row.run] = round_series(run_dir)
     if not rows:
         raise FileNotFoundError(f"no finished runs (folders with {SUMMARY}) under {', '.join(map(str, dirs))}")
+    points = points_of(rows)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "curves.csv")
-    (out / "curves.md").write_text(markdown_table(rows), encoding="utf-8")
-    plot_all(rows, series, out)
-    log.info("collected %d runs into %s", len(rows), out)
+    write_points_csv(points, out / "points.csv")
+    (out / "curves.md").write_text(curves_markdown(rows, points), encoding="utf-8")
+    plot_all(rows, series, out, points)
+    log.info("collected %d runs (%d points) into %s", len(rows), len(points), out)
     return rows
 
 
@@ -200,7 +417,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except FileNotFoundError as err:
         log.error("%s", err)
         sys.exit(1)
-    sys.stdout.write(markdown_table(rows))
+    sys.stdout.write(curves_markdown(rows, points_of(rows)))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The accuracy/privacy sweep behind `make curves` (PRESET=curves, Whisper), `make curves-quick`
-# (PRESET=curves_quick) and the Conformer's grid (PRESET=curves_conformer): one Hydra multirun per
-# mechanism into OUT, the centralised upper bound, then `unheard-collect OUT` (curves.csv,
-# curves.md, PNG plots).
-#   usage: experiments/curves.sh PRESET OUT
+# The accuracy/privacy sweep behind `make curves` (PRESET=curves, Whisper, DP-FedSGD: REPEATS
+# repeats of every point), `make curves-quick` (PRESET=curves_quick) and the Conformer's grid
+# (PRESET=curves_conformer): Hydra multiruns into OUT, the centralised upper bound, then
+# `unheard-collect OUT` (curves.csv, points.csv, curves.md, PNG plots).
+#   usage: [REPEATS=3] [CENTRAL_STEPS=480] experiments/curves.sh PRESET OUT
 set -euo pipefail
 preset=${1:?preset (curves or curves_quick)}
 out=${2:?output folder}
 bin=$(dirname "$0")/../.venv/bin
 sim() { "$bin/unheard-simulate" -m "experiment=$preset" "hydra.sweep.dir=$out/$1" "${@:2}"; }
+# the DP-FedSGD preset (conf/experiment/private_gain.yaml), whatever PRESET is
+gain() { "$bin/unheard-simulate" -m experiment=private_gain "hydra.sweep.dir=$out/$1" "${@:2}"; }
+# the centralised non-private fine-tune (the upper bound), once
+central=("experiment=$preset" privacy=none)
 # user-level DP stated for a deployment of 100,000 devices, 1,000 a round (accounting and noise
 # scale; marked "extrapolated" in every report)
 extrapolated=(privacy.user.population=100000 privacy.user.cohort=1000)
@@ -20,15 +24,24 @@ if [ "$preset" = curves_quick ]; then
   sim none privacy=none
   sim sample privacy=sample privacy.sample.noise_multiplier=1.0
   sim user-central privacy=user "${user[@]}" "${extrapolated[@]}" privacy.user.noise_multiplier=1.0
-elif [ "$preset" = curves ]; then  # Whisper: one point per mechanism, to stay within the hour
-  sim none privacy=none
-  sim sample privacy=sample privacy.sample.noise_multiplier=1.2
-  sim user-central-extrapolated privacy=user "${user[@]}" "${extrapolated[@]}" privacy.user.noise_multiplier=1.0
-  sim user-central privacy=user "${user[@]}" privacy.user.noise_multiplier=1.0
-  sim user-local privacy=user "${user[@]}" privacy.user.noise=local privacy.user.noise_multiplier=1.0
-  sim user-distributed privacy=user "${user[@]}" privacy.user.noise=distributed privacy.user.noise_multiplier=1.0
-  sim both privacy=both "${user[@]}" "${extrapolated[@]}" privacy.sample.noise_multiplier=1.2 \
-    privacy.user.noise_multiplier=1.0
+elif [ "$preset" = curves ]; then
+  # Whisper tiny.en on speechocean762, DP-FedSGD (experiment=private_gain: all 125 devices every
+  # round, 60 rounds, the server adds the noise; sample-level, delta 1e-5, PLD). Grid, each point
+  # repeated REPEATS (default 3) times with fresh secrets (privacy.reproducible=false, the default),
+  # one sweep folder a repeat (OUT/<mechanism>/r<repeat>/<job>):
+  #   none            non-private FL, the same preset                                     1 run
+  #   sample-central  DP-FedSGD at target epsilon 1, 2, 4, 8 (a Hydra multirun)          4 runs
+  #   sample          on-device DP-SGD (privacy.sample.noise=device) at target epsilon 8  1 run
+  # = 6 runs a repeat (18 for REPEATS=3), then one central fine-tune of CENTRAL_STEPS (default 480)
+  # AdamW steps of train.batch_size 8: 3,840 recordings, what a DP-FedSGD run draws (60 rounds x an
+  # expected 64), not the default rounds x clients x local steps (7,500 steps).
+  # cost: see experiments/README.md
+  for r in $(seq 1 "${REPEATS:-3}"); do
+    gain "none/r$r" privacy=none privacy.sample=null  # the preset's privacy.sample block outlives privacy=none
+    gain "sample-central/r$r" privacy.sample.target_epsilon=1,2,4,8
+    gain "sample/r$r" privacy.sample.noise=device privacy.sample.target_epsilon=8
+  done
+  central=(experiment=private_gain privacy=none privacy.sample=null "central.steps=${CENTRAL_STEPS:-480}")
 else  # curves_conformer: the Conformer's full grid
   sim none privacy=none
   sim sample privacy=sample privacy.sample.noise_multiplier=0.6,1.2,2.5
@@ -40,6 +53,6 @@ else  # curves_conformer: the Conformer's full grid
   sim both privacy=both "${user[@]}" "${extrapolated[@]}" privacy.sample.noise_multiplier=1.2 \
     privacy.user.noise_multiplier=1.0
 fi
-"$bin/unheard-central" "experiment=$preset" privacy=none "hydra.run.dir=$out/central"
+"$bin/unheard-central" "${central[@]}" "hydra.run.dir=$out/central"
 echo "sweep took $(( $(date +%s) - started )) s" | tee "$out/sweep_seconds.txt"
 "$bin/unheard-collect" "$out"

@@ -112,13 +112,28 @@ class SamplePrivacyConfig:
     (``DevicePolicy.max_sample_epsilon``; the stricter applies): it declines a round that would take
     its ledger past it. ``accountant``: ``rdp`` or ``prv`` (upper bounds).
     ``secure_mode``: noise drawn with Opacus' floating-point-attack mitigation.
+    ``noise``: where the DP-SGD noise is added (``SAMPLE_NOISE_PLACEMENTS``): ``device`` (each device
+    runs DP-SGD itself and adds all of it: trusts nobody), ``central`` (DP-FedSGD: each device sends
+    the sum of its Poisson batch's clipped per-utterance gradients and the server adds the noise
+    once to the cohort's total: trusts the server) or ``distributed`` (each device adds a share and
+    SecAgg+ shows the server only the cohort's sum). ``expected_batch``: under ``central`` and
+    ``distributed``, the public constant the noised total is divided by (null: ``train.batch_size``
+    x the expected cohort). ``secure_threshold``: under ``distributed``, the smallest sum SecAgg+
+    decodes; each device's share is sized so that such a sum carries the whole noise.
+    ``train.local_steps`` batches are drawn at the same weights each round under central and
+    distributed noise, each a composed step.
+    ``accountant``: ``pld`` (dp-accounting's privacy-loss distributions: the reported figure,
+    tightest), ``rdp`` or ``prv`` (Opacus); every report gives the RDP figure beside it.
     """
 
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
     sample_rate: float = 0.25
     delta: float = 1e-5
-    accountant: str = "rdp"
+    accountant: str = "pld"
+    noise: str = "device"
+    expected_batch: Optional[float] = None
+    secure_threshold: int = 3
     secure_mode: bool = False
     target_epsilon: Optional[float] = None
     max_epsilon: Optional[float] = None
@@ -157,6 +172,8 @@ class UserPrivacyConfig:
 
 
 USER_NOISE_PLACEMENTS = ("central", "local", "distributed")
+SAMPLE_NOISE_PLACEMENTS = ("device", "central", "distributed")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
 @dataclass
@@ -170,7 +187,10 @@ class DevicePolicy:
     user-level noise multiplier accepted for noise the device adds itself (``local``,
     ``distributed``). A request with no DP at all is accepted only when both floors are 0.
     ``allowed_user_noise``: the user-level placements accepted; ``central`` (the device sends its
-    clipped update in clear to a server it must trust) only if listed. ``max_sample_epsilon``: the
+    clipped update in clear to a server it must trust) only if listed. ``allowed_sample_noise``: the
+    same for the sample-level placements (``central``: the device sends its clipped gradient sum in
+    clear). ``min_sample_z`` applies to every placement: under ``distributed`` to the z of the noise
+    on the sum, of which the device adds its share. ``max_sample_epsilon``: the
     device's sample-level budget over every run (the run's ``privacy.sample.max_epsilon`` may only
     make it stricter); ``max_server_epsilon``: its budget of what servers learn about it from its
     local/distributed user-level releases, over every run (``clients/state.py``'s server-facing
@@ -186,6 +206,7 @@ class DevicePolicy:
     min_sample_z: float = 0.5
     min_user_z: float = 0.3
     allowed_user_noise: List[str] = field(default_factory=lambda: ["local", "distributed"])
+    allowed_sample_noise: List[str] = field(default_factory=lambda: ["device", "distributed"])
     max_sample_epsilon: Optional[float] = 10.0
     max_server_epsilon: Optional[float] = 10.0
     delta: float = 1e-5
@@ -193,13 +214,16 @@ class DevicePolicy:
     @classmethod
     def permissive(cls) -> "DevicePolicy":
         """Accept whatever the server announces (a simulation's devices; never a deployed default)."""
-        return cls(0.0, 0.0, list(USER_NOISE_PLACEMENTS), None, None)
+        return cls(0.0, 0.0, list(USER_NOISE_PLACEMENTS), list(SAMPLE_NOISE_PLACEMENTS), None, None)
 
     def check(self) -> None:
         """Raise ``ValueError`` for a policy that cannot be applied, saying what to change."""
         bad = [p for p in self.allowed_user_noise if p not in USER_NOISE_PLACEMENTS]
         if bad:
             raise ValueError(f"device policy: allowed_user_noise {bad} not among {USER_NOISE_PLACEMENTS}")
+        bad = [p for p in self.allowed_sample_noise if p not in SAMPLE_NOISE_PLACEMENTS]
+        if bad:
+            raise ValueError(f"device policy: allowed_sample_noise {bad} not among {SAMPLE_NOISE_PLACEMENTS}")
         if not (self.min_sample_z >= 0 and self.min_user_z >= 0):
             raise ValueError("device policy: min_sample_z and min_user_z must be >= 0")
         for name in ("max_sample_epsilon", "max_server_epsilon"):
@@ -248,6 +272,16 @@ class FederationConfig:
     evaluation of the final model reads the test splits of the same devices. ``ray_address``: attach the
     simulation to a running Ray cluster (``HOST:PORT`` of its head, see docs/scale.md) instead of
     starting a local one.
+    ``server_optimizer`` (Reddi et al. 2021): how the server turns the round's mean update (noised
+    under DP) into a step -- ``fedavg`` (x += server_lr * mean; lr 1 is plain FedAvg), ``fedavgm``
+    (heavy-ball momentum ``server_beta1``), ``fedadam`` or ``fedyogi`` (moments ``server_beta1``,
+    ``server_beta2``, adaptivity ``server_tau``, bias-corrected). Post-processing of what was
+    released: it costs no privacy. null (with ``server_lr`` null): the mechanism's default
+    (``server/optimizer.py``: fedavg at lr 1 without aggregate noise, fedadam at 3e-3 under
+    DP-FedSGD, fedadam at 5e-4 under user-level DP, which leaves the model near the seed when the
+    noise drowns the update). Under ``privacy.sample.noise=central|distributed`` the mean is
+    minus the noised mean gradient. ``eval_every``: score the global model on the held-out speakers
+    every that many rounds (0: only the seed and the final model).
     """
 
     rounds: int = 6
@@ -264,6 +298,12 @@ class FederationConfig:
     device_eval_every: int = 1
     eval_devices: int = 0
     ray_address: Optional[str] = None
+    server_optimizer: Optional[str] = None
+    server_lr: Optional[float] = None
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    eval_every: int = 1
 
 
 @dataclass
@@ -340,7 +380,9 @@ _CHOICES = {
     "privacy.user.noise": USER_NOISE_PLACEMENTS,
     "privacy.user.clipping": ("fixed", "adaptive", "per_layer"),
     "privacy.user.accountant": ("pld", "rdp"),
-    "privacy.sample.accountant": ("rdp", "prv"),
+    "privacy.sample.accountant": ("pld", "rdp", "prv"),
+    "privacy.sample.noise": SAMPLE_NOISE_PLACEMENTS,
+    "federation.server_optimizer": SERVER_OPTIMIZERS,
     "federation.sampling": ("poisson", "fixed"),
 }
 
@@ -353,7 +395,9 @@ def validate(cfg: Config) -> None:
         "privacy.user.noise": cfg.privacy.user.noise if cfg.privacy.user else "central",
         "privacy.user.clipping": cfg.privacy.user.clipping if cfg.privacy.user else "fixed",
         "privacy.user.accountant": cfg.privacy.user.accountant if cfg.privacy.user else "pld",
-        "privacy.sample.accountant": cfg.privacy.sample.accountant if cfg.privacy.sample else "rdp",
+        "privacy.sample.accountant": cfg.privacy.sample.accountant if cfg.privacy.sample else "pld",
+        "privacy.sample.noise": cfg.privacy.sample.noise if cfg.privacy.sample else "device",
+        "federation.server_optimizer": cfg.federation.server_optimizer or "fedavg",
         "federation.sampling": cfg.federation.sampling,
     }
     for key, value in values.items():
@@ -377,6 +421,17 @@ def validate(cfg: Config) -> None:
         raise ValueError("data.public_corpus and data.public_path go together")
     if cfg.privacy.sample is not None and not 0.0 < cfg.privacy.sample.sample_rate <= 1.0:
         raise ValueError("privacy.sample.sample_rate is a probability in (0, 1]")
+    if cfg.privacy.sample is not None and cfg.privacy.sample.noise != "device" and cfg.privacy.user is not None:
+        raise ValueError(f"privacy.sample.noise={cfg.privacy.sample.noise} (noise on the aggregate) runs without "
+                         "user-level DP: use privacy=sample, or privacy.sample.noise=device with privacy=both")
+    if cfg.privacy.sample is not None and cfg.privacy.sample.expected_batch is not None \
+            and not cfg.privacy.sample.expected_batch > 0:
+        raise ValueError("privacy.sample.expected_batch must be > 0 (or null: train.batch_size x the cohort)")
+    fed = cfg.federation
+    if not ((fed.server_lr is None or fed.server_lr > 0) and 0.0 <= fed.server_beta1 < 1.0 and 0.0 <= fed.server_beta2 < 1.0
+            and fed.server_tau > 0 and fed.eval_every >= 0):
+        raise ValueError("federation: server_lr and server_tau must be > 0, server_beta1 and server_beta2 in [0, 1), "
+                         "eval_every >= 0")
     cfg.privacy.device.check()
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

@@ -5,8 +5,12 @@ entries, shapes, dtypes, finite values, example counts; the echoed mechanism par
 ``UserLevel``'s re-clipping or norm bound, or the most AdamW can move the weights without
 user-level clipping) and dropped with its reason if it fails; the rest are averaged by
 example-weighted FedAvg (no privacy), their mean (sample-level DP) or ``UserLevel.aggregate``.
-``secure_round``: distributed noise, where SecAgg+ reveals only the sum, which is checked in turn.
-Both return the new global model, the round's outcome and the keys of the devices that declined.
+Under DP-FedSGD (``privacy.sample.noise=central``) every reply is a device's clipped gradient sum,
+projected onto the sum cap, and the noised total is divided by the public expected batch
+(``SampleLevel.aggregate``). ``secure_round``: distributed noise (user level, or DP-FedSGD), where
+SecAgg+ reveals only the sum, which is checked in turn. Both return the round's mean update (None:
+nothing to apply), which the server optimizer (``server/optimizer.py``) turns into the new global
+model, the round's outcome and the keys of the devices that declined.
 """
 
 from __future__ import annotations
@@ -56,11 +60,6 @@ def fedavg(updates: Sequence[ArrayRecord], weights: Sequence[float] | None = Non
     return ArrayRecord(out)
 
 
-def apply(arrays: ArrayRecord, update: dict[str, torch.Tensor]) -> ArrayRecord:
-    state = arrays.to_torch_state_dict()
-    return ArrayRecord({k: v + update[k].to(v.dtype) if k in update else v for k, v in state.items()})
-
-
 @dataclass
 class RoundOutcome:
     """How one training round went: updates aggregated, devices that declined, failed, or were rejected."""
@@ -84,6 +83,11 @@ class Mechanisms:
     @property
     def private(self) -> bool:
         return self.sample is not None or self.user is not None
+
+    @property
+    def secure(self) -> bool:
+        """Distributed noise at either level: the round runs under SecAgg+ and devices never replay a reply."""
+        return bool((self.user and self.user.secure) or (self.sample and self.sample.noise == "distributed"))
 
     def device_config(self) -> dict[str, Any]:
         """The exact parameters devices must use this round (they echo them back), and the run's nonce
@@ -109,13 +113,17 @@ def _is_declined(m: Message) -> bool:
     return P.ARRAYS not in m.content and bool(m.content[P.METRICS].get(P.DECLINED))
 
 
+Round = tuple[Optional[dict[str, torch.Tensor]], RoundOutcome, list[int]]
+"""What a round returns: the mean update the server optimizer steps with (None: the model stays), the
+outcome, and the keys of the devices that validly declined."""
+
+
 def plain_round(
     grid: Grid, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord, r: int,
     timeout: float, train: TrainConfig,
-) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
-    """Devices reply with their updates in clear; each is checked, then FedAvg'd or averaged privately.
-
-    Returns the new model, the outcome and the keys of the devices that validly declined."""
+) -> Round:
+    """Devices reply in clear; each reply is checked, then FedAvg'd, averaged privately (user level) or,
+    under DP-FedSGD with central noise, its clipped sum added to the noised total."""
     replies = rounds.train(grid, devices.nodes(cohort), arrays, r, timeout, mech.device_config(),
                            devices.key_of)
     reference = arrays.to_torch_state_dict()
@@ -135,7 +143,9 @@ def plain_round(
             metrics = m.content[P.METRICS]
             mech.check_echo(metrics)
             update = check_update(m.content[P.ARRAYS], reference)
-            if mech.user:
+            if mech.sample and mech.sample.aggregated:
+                update = mech.sample.check_contribution(update)
+            elif mech.user:
                 try:
                     update = mech.user.check_update(update)
                 except ValueError as err:
@@ -159,34 +169,41 @@ def plain_round(
             losses.append(float(metrics[P.TRAIN_LOSS]))  # type: ignore[arg-type]
     outcome.updates, outcome.declined = len(updates), len(declined)
     outcome.train_loss = sum(losses) / len(losses) if losses else None
+    if mech.sample and mech.sample.aggregated:  # a round with no contribution still releases the noise
+        return mech.sample.aggregate(updates, reference, mech.secret, r), outcome, declined
     if mech.user:
-        arrays = apply(arrays, mech.user.aggregate(updates, reference, bits, mech.secret, r))
-    elif updates:
-        records = [ArrayRecord(u) for u in updates]
-        arrays = apply(arrays, fedavg(records, weights).to_torch_state_dict())
-    else:
-        log.warning("round %d: no usable update; the global model is unchanged", r)
-    return arrays, outcome, declined
+        return mech.user.aggregate(updates, reference, bits, mech.secret, r), outcome, declined
+    if updates:
+        return fedavg([ArrayRecord(u) for u in updates], weights).to_torch_state_dict(), outcome, declined
+    log.warning("round %d: no usable update; the global model is unchanged", r)
+    return None, outcome, declined
 
 
 def secure_round(
     grid: Grid, mech: Mechanisms, devices: Devices, cohort: list[int], arrays: ArrayRecord, r: int,
     timeout: float, train: TrainConfig,
-) -> tuple[ArrayRecord, RoundOutcome, list[int]]:
-    """Distributed noise: SecAgg+ reveals only the sum of the noised updates, which is checked and averaged.
+) -> Round:
+    """Distributed noise: SecAgg+ reveals only the sum of the noised updates (user level) or of the
+    noised clipped sums (DP-FedSGD), which is checked and averaged.
 
     (``train`` is unused: the signature is ``plain_round``'s, so the server calls either alike.)
 
-    A sum that is not finite, exceeds the norm of honest updates, or comes with a wrong echo of the
-    parameters releases nothing (the model is unchanged) and the round is still accounted."""
-    user = mech.user
-    assert user is not None
+    A sum that is not finite, exceeds the norm of honest contributions, or comes with a wrong echo of
+    the parameters releases nothing (the model is unchanged) and the round is still accounted."""
     reference = arrays.to_torch_state_dict()
     numel = sum(v.numel() for v in reference.values() if v.is_floating_point())
-    this = user.round()
+    devices_in = max(1, len(cohort))
+    if mech.sample and mech.sample.aggregated:
+        level: Any = mech.sample
+        noise_cohort = mech.sample.noise_cohort
+        value_range = clipping_range_for(mech.sample.sum_cap, mech.sample.device_std, numel, devices_in)
+    else:
+        assert mech.user is not None
+        level, this = mech.user, mech.user.round()
+        noise_cohort = this.noise_cohort
+        value_range = clipping_range_for(this.clip_norm, this.device_std, numel, devices_in)
     result = secure_sum(grid, devices.nodes(cohort), arrays, r, mech.device_config(), timeout,
-                        clipping_range=clipping_range_for(this.clip_norm, this.device_std, numel, max(1, len(cohort))),
-                        min_contributors=user.cfg.secure_threshold)
+                        clipping_range=value_range, min_contributors=noise_cohort, noise_cohort=noise_cohort)
     declined = [devices.key_of(n) for n, m in result.metrics.items() if m.get(P.DECLINED)]
     outcome = RoundOutcome(updates=len(result.contributed) - len(declined), declined=len(declined),
                            failures=len(result.failed))
@@ -195,11 +212,15 @@ def secure_round(
         for metrics in result.metrics.values():
             mech.check_echo(metrics)
         if total is not None:
-            user.check_total(total, len(result.contributed), result.step)
+            level.check_total(total, len(result.contributed), result.step)
     except ValueError as err:
         log.warning("round %d: the secure sum releases nothing: %s", r, err)
         outcome.rejected, outcome.updates, total = outcome.updates, 0, None
     if total is None:
-        user.record_round()  # the devices' noised shares were decoded or lost: account the round anyway
-        return arrays, outcome, declined
-    return apply(arrays, user.aggregate([total], reference, [], mech.secret, r)), outcome, declined
+        if mech.user:
+            mech.user.record_round()  # the devices' noised shares were decoded or lost: account the round anyway
+        return None, outcome, declined
+    if mech.sample and mech.sample.aggregated:
+        return mech.sample.aggregate([total], reference, mech.secret, r), outcome, declined
+    assert mech.user is not None
+    return mech.user.aggregate([total], reference, [], mech.secret, r), outcome, declined

@@ -5,7 +5,7 @@ The server's state lives in ``private/`` (mode 0700, files 0600), apart from wha
 (``private/server-secret``, every DP draw of the server comes from it) and ``private/server-state.pt``
 -- global model, round number, the user-level accountant's per-round (q, z) history and adaptive
 clip norm, the participation ledger (rounds charged per device key), every result row so far, and
-the run nonce (128 random bits drawn once per run and sent in every train message: a device knows
+the server optimizer's moments (``server/optimizer.py``), the run nonce (128 random bits drawn once per run and sent in every train message: a device knows
 a request of this run from any other run's, even from the same seed model, ``clients/state.py``).
 
 Commit before release: after a round's aggregation the server writes its state atomically
@@ -42,7 +42,8 @@ NOT_COMPARED = ("resume",)
 @dataclass
 class ServerState:
     """``round``: the last round aggregated; ``rows`` hold its row once it was measured; ``nonce``:
-    the run's nonce (empty in a state written before runs had one)."""
+    the run's nonce (empty in a state written before runs had one); ``optimizer``: the server
+    optimizer's state (None in a state written before it had one)."""
 
     round: int
     arrays: dict[str, Tensor]
@@ -51,6 +52,7 @@ class ServerState:
     user: Optional[dict[str, Any]]
     config: dict[str, Any]
     nonce: str = ""
+    optimizer: Optional[dict[str, Any]] = None
 
     @property
     def measured(self) -> bool:

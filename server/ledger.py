@@ -21,6 +21,14 @@ from fl.privacy.sample import SampleLevel
 from fl.privacy.user import UserLevel
 
 
+SAMPLE_OBSERVERS = {
+    "device": "anyone without the device's secret (the server included)",
+    "central": "anyone who sees the global models (the server, which adds the noise, sees clipped sums in clear)",
+    "distributed": "anyone without the device's secret, the server included (honest-but-curious, SecAgg+ sums of "
+                   ">= noise_cohort devices)",
+}
+
+
 class ParticipationLedger:
     def __init__(self) -> None:
         self.charged: dict[int, int] = {}
@@ -59,9 +67,13 @@ class ParticipationLedger:
             "noise_multiplier": sample.noise_multiplier, "max_grad_norm": sample.max_grad_norm,
             "sample_rate": sample.sample_rate, "steps_per_round": sample.steps, "max_rounds": self.rounds,
             "max_steps": self.rounds * sample.steps, "epsilon": sample.epsilon(self.rounds), "delta": sample.delta,
-            "accountant": sample.accountant, "target_epsilon": target, "secure_mode": sample.secure_mode,
-            "observer": "anyone without the device's secret (the server included); per run: a deployed "
-                        "device's own ledger also counts its earlier runs",
+            "accountant": sample.accountant, "epsilon_rdp": sample.epsilon(self.rounds, "rdp"),
+            "target_epsilon": target, "secure_mode": sample.secure_mode, "noise": sample.noise,
+            "expected_batch": sample.expected_batch if sample.aggregated else None,
+            "noise_cohort": sample.noise_cohort if sample.noise == "distributed" else None,
+            "device_sampling_credit": False,
+            "observer": SAMPLE_OBSERVERS[sample.noise] + "; per run: a deployed device's own ledger also counts its "
+                        "earlier runs",
         }
 
     def state_dict(self) -> dict[str, Any]:

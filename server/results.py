@@ -36,7 +36,8 @@ class RoundRow:
 
     ``wer``/``cer``/``loss``: global model on the held-out evaluation speakers (server side); the
     error rates after Whisper's English normaliser, ``raw_wer`` without it (``fl/metrics.py``);
-    ``loops_cut``: hypotheses whose runaway decoding was stopped.
+    ``loops_cut``: hypotheses whose runaway decoding was stopped. All null in a round not scored
+    (``federation.eval_every``; the seed and the final model always are).
     ``device_wer``/``device_cer``: global model on the devices' own local test splits
     (federated evaluation, pooled over all devices' words/characters; only without privacy,
     else null: test metrics are covered by no guarantee).
@@ -57,9 +58,9 @@ class RoundRow:
     """
 
     round: int
-    wer: float
-    cer: float
-    loss: float
+    wer: Optional[float]
+    cer: Optional[float]
+    loss: Optional[float]
     device_wer: Optional[float]
     device_cer: Optional[float]
     train_loss: Optional[float]
@@ -76,7 +77,7 @@ class RoundRow:
     randomness: str
     seconds: float
     raw_wer: Optional[float] = None
-    loops_cut: int = 0
+    loops_cut: Optional[int] = 0
 
 
 REALISED = ("clients", "declined", "failures", "rejected", "seconds")

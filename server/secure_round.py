@@ -61,7 +61,6 @@ from torch import Tensor
 from fl import protocol as P
 from fl.privacy import masks
 from fl.privacy.secagg import MODULUS_RANGE, SECURE_NAMES, quantization_range_for
-from fl.privacy.user import WIRE_COHORT
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +115,14 @@ class _SumStrategy(Strategy):
 def secure_sum(
     grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int, config: dict[str, Any],
     timeout: Optional[float], *, clipping_range: float, min_contributors: int,
-    num_shares: Union[int, float] = 1.0,
+    num_shares: Union[int, float] = 1.0, noise_cohort: int = 0,
 ) -> SecureSum:
     """Send ``arrays`` and ``config`` to ``nodes``, let them train, and learn only the sum of their updates.
 
     ``clipping_range``: R, a bound on every coordinate of every update (``clipping_range_for``).
     ``min_contributors``: SecAgg+'s reconstruction threshold t (>= 3): no sum of fewer than t
-    devices can be decoded; under distributed DP pass the devices' noise cohort here (``config``'s
-    ``noise-cohort`` may not exceed it). ``num_shares``: neighbourhood size; 1.0 = every device of the
+    devices can be decoded; under distributed DP pass the devices' noise cohort here and as
+    ``noise_cohort`` (which may not exceed it). ``num_shares``: neighbourhood size; 1.0 = every device of the
     cohort (plain SecAgg, the strongest; cost grows with cohort^2). ``timeout`` applies to each of
     the four stages. A halted protocol (too few devices, too many dropouts) returns ``total=None``.
     ``server_round`` is the protocol messages' group id and must grow from call to call: devices
@@ -131,8 +130,8 @@ def secure_sum(
     """
     if isinstance(min_contributors, bool) or not isinstance(min_contributors, int) or min_contributors < 3:
         raise ValueError(f"min_contributors must be an integer >= 3, got {min_contributors!r}")
-    if int(config.get(WIRE_COHORT, 0)) > min_contributors:
-        raise ValueError(f"noise cohort {config[WIRE_COHORT]} exceeds min_contributors {min_contributors}: "
+    if noise_cohort > min_contributors:
+        raise ValueError(f"noise cohort {noise_cohort} exceeds min_contributors {min_contributors}: "
                          "a decodable sum could carry less than the accounted noise")
     if not clipping_range > 0:
         raise ValueError(f"clipping_range must be > 0, got {clipping_range!r}")

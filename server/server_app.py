@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import Progress
 
-from fl.config import Config, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
+from fl.config import Config, FederationConfig, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.model import build_recognizer
 from fl.privacy.randomness import COHORT, REPRODUCIBLE_LABEL
 from fl.privacy.sample import SampleLevel
@@ -38,6 +38,7 @@ from server import checkpoint, rounds
 from server.aggregate import Mechanisms, RoundOutcome, plain_round, secure_round
 from server.devices import identify
 from server.ledger import ParticipationLedger
+from server.optimizer import ServerOptimizer
 from server.results import ResultsWriter, RoundRow, write_private_summary
 from server.sampling import participation_rate, sample_cohort
 
@@ -67,6 +68,8 @@ class ServerSettings:
     device_eval_every: int = 1
     eval_devices: int = 0
     resume: bool = False
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    """The server optimizer (``server_optimizer``, ``server_lr``, ...) and ``eval_every``."""
 
     @classmethod
     def from_config(cls, cfg: Config, resolved: dict[str, Any], out_dir: str, initial_weights: str,
@@ -79,7 +82,7 @@ class ServerSettings:
             initial_weights=initial_weights, eval_examples=eval_examples, config=resolved, sampling=fed.sampling,
             sample=cfg.privacy.sample, user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon,
             reproducible=cfg.privacy.reproducible, device_eval_every=fed.device_eval_every,
-            eval_devices=fed.eval_devices, resume=cfg.resume,
+            eval_devices=fed.eval_devices, resume=cfg.resume, federation=fed,
         )
 
     @property
@@ -127,7 +130,8 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, out: Path, private:
 def _mechanisms(s: ServerSettings, population: int, nonce: str = "") -> Mechanisms:
     """The run's mechanisms, built from config in one place (raises ``ValueError`` for an impossible one);
     ``nonce``: the run's, sent in every train message."""
-    sample = SampleLevel.from_config(s.sample, s.train, s.rounds) if s.sample else None
+    expected = min(s.clients_per_round, population)
+    sample = SampleLevel.from_config(s.sample, s.train, s.rounds, expected) if s.sample else None
     user = UserLevel(s.user, population, s.clients_per_round, s.sampling, s.rounds) if s.user else None
     secret = checkpoint.run_secret(Path(s.out_dir), s.seed if s.reproducible else None)
     return Mechanisms(sample, user, secret, nonce)
@@ -149,6 +153,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     eval_set = torch.load(s.eval_examples, weights_only=False)
     arrays = ArrayRecord(recognizer.shared(model))
     ledger = ParticipationLedger()
+    optimizer = ServerOptimizer.from_config(s.federation, s.sample, s.user)
     nodes = _wait_for_nodes(grid, s.clients_per_round, s.round_timeout, out, s.private)
     if not nodes:
         raise RuntimeError("no devices connected within federation.round_timeout: nothing to train on")
@@ -179,7 +184,9 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     def measure(r: int, started: float, outcome: Optional[RoundOutcome]) -> RoundRow:
         """Evaluate the committed model of round ``r`` (federated evaluation only without privacy)."""
         recognizer.load_shared(model, arrays.to_torch_state_dict())
-        central = evaluate_model(recognizer, model, eval_set)
+        every = s.federation.eval_every
+        scored = r == 0 or r == s.rounds or (every > 0 and r % every == 0)
+        central = evaluate_model(recognizer, model, eval_set) if scored else None
         dwer = dcer = None
         if not s.private and (r == s.rounds or (s.device_eval_every > 0 and r % s.device_eval_every == 0)):
             evaluated = devices.nodes(evaluation_devices(devices.keys, s.eval_devices, s.seed, r))
@@ -187,21 +194,23 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             dwer, dcer = rounds.pooled_error_rates(fed)
         o = outcome or RoundOutcome()
         return RoundRow(
-            round=r, wer=central.wer, cer=central.cer, loss=central.loss, device_wer=dwer, device_cer=dcer,
+            round=r, wer=central.wer if central else None, cer=central.cer if central else None,
+            loss=central.loss if central else None, device_wer=dwer, device_cer=dcer,
             train_loss=o.train_loss, clients=o.updates, declined=o.declined, failures=o.failures,
             rejected=o.rejected, epsilon_sample=ledger.sample_epsilon(sample),
             epsilon_user=user.epsilon() if user else None, epsilon_user_server=ledger.user_server_epsilon(user),
             delta=sample.delta if sample else (user.delta if user else None),
             delta_user=user.delta if user else None, extrapolated=bool(user and user.extrapolated),
-            randomness=randomness, seconds=time.perf_counter() - started, raw_wer=central.raw_wer,
-            loops_cut=central.loops_cut,
+            randomness=randomness, seconds=time.perf_counter() - started,
+            raw_wer=central.raw_wer if central else None, loops_cut=central.loops_cut if central else None,
         )
 
     def commit(r: int, rows: list[RoundRow]) -> None:
         """Write the server's private state: the model and accounting of round ``r`` and the rows so far."""
         checkpoint.save(out, checkpoint.ServerState(
             round=r, arrays=arrays.to_torch_state_dict(), rows=[asdict(row) for row in rows],
-            ledger=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config, nonce=mech.nonce))
+            ledger=ledger.state_dict(), user=user.state_dict() if user else None, config=s.config, nonce=mech.nonce,
+            optimizer=optimizer.state_dict()))
 
     def publish(row: RoundRow) -> None:
         torch.save({"round": row.round, "state_dict": arrays.to_torch_state_dict()},
@@ -222,6 +231,8 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     else:
         arrays = ArrayRecord(resumed.arrays)
         ledger.load_state_dict(resumed.ledger)
+        if resumed.optimizer is not None:
+            optimizer.load_state_dict(resumed.optimizer)
         if user and resumed.user:
             user.load_state_dict(resumed.user)
         rows = [RoundRow(**r) for r in resumed.rows]
@@ -232,7 +243,7 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
             writer.restore(rows)
             finish(resumed.round, time.perf_counter(), None)
         first = resumed.round + 1
-        if resumed.measured and user is not None and user.secure:
+        if resumed.measured and mech.secure:
             retried = first  # the interrupted attempt at it may have been decoded (see the loop)
         log.info("resuming after round %d of %d from %s", resumed.round, s.rounds, checkpoint.state_path(out))
     with Progress() as progress:
@@ -255,18 +266,20 @@ def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
                 if stopped:
                     log.warning("budget stop: %s", stopped)
                     break
-            run_round = secure_round if user and user.secure else plain_round
-            arrays, outcome, declined = run_round(grid, mech, devices, cohort, arrays, r, s.round_timeout, s.train)
+            run_round = secure_round if mech.secure else plain_round
+            mean, outcome, declined = run_round(grid, mech, devices, cohort, arrays, r, s.round_timeout, s.train)
+            if mean is not None:  # post-processing of the round's release: no privacy cost
+                arrays = ArrayRecord(optimizer.step(arrays.to_torch_state_dict(), mean))
             ledger.charge(k for k in cohort if k not in set(declined))
             commit(r, writer.rows)  # before the new model goes anywhere
             trained = time.perf_counter()
             row = finish(r, started, outcome)
             log.info("round %d: %.2f s with the devices, %.2f s evaluating and checkpointing", r,
                      trained - started, time.perf_counter() - trained)
-            log.info("round %d: WER %.3f, eps sample %s, user %s (models) %s (server); %d updates, %d declined, "
+            log.info("round %d: WER %s, eps sample %s, user %s (models) %s (server); %d updates, %d declined, "
                      "%d failed, %d rejected", r, row.wer, row.epsilon_sample, row.epsilon_user,
                      row.epsilon_user_server, row.clients, row.declined, row.failures, row.rejected)
-            progress.update(bar, advance=1, description=f"round {r}: WER {row.wer:.3f}")
+            progress.update(bar, advance=1, description=f"round {r}: WER {row.wer if row.wer is None else round(row.wer, 3)}")
             _progress(out, s.private, phase="round done", round=r, rounds=s.rounds,
                       connected=len(grid.get_node_ids()), expected_cohort=expected, cohort=len(cohort),
                       replies=row.clients + row.declined, failures=row.failures, rejected=row.rejected)

@@ -1,18 +1,21 @@
 """User-level accounting on dp_accounting: monotone, PLD vs RDP consistent, matches the exact
-Gaussian mechanism, calibrates round-trip; sample-level calibration through Opacus."""
+Gaussian mechanism, calibrates round-trip; sample-level DP-SGD accounting (PLD reported, RDP beside it,
+Opacus' accountants as cross-checks) and calibration."""
 
 import math
 
 import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
-from opacus.accountants import RDPAccountant
+from opacus.accountants import RDPAccountant, create_accountant
 
 from fl.privacy.accounting import (
+    SAMPLE_ACCOUNTANTS,
     UserLevelSpec,
     calibrate_noise_multiplier,
     composed_epsilon,
     extrapolate,
+    sample_level_epsilon,
     sample_level_noise_multiplier,
     user_level_epsilon,
 )
@@ -143,7 +146,7 @@ def test_extrapolate():
 
 
 def test_sample_level_noise_multiplier_reaches_its_target_in_opacus():
-    z = sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=400)
+    z = sample_level_noise_multiplier(3.0, DELTA, sample_rate=0.1, steps=400, accountant="rdp")
     acc = RDPAccountant()
     acc.history = [(z, 0.1, 400)]
     assert 2.9 <= acc.get_epsilon(delta=DELTA) <= 3.0
@@ -186,3 +189,102 @@ def test_composing_one_spec_or_empty_ones_changes_nothing():
     assert composed_epsilon([spec, UserLevelSpec(0.0, 0.01, 1, DELTA)]) == math.inf
     with pytest.raises(ValueError, match="share"):
         composed_epsilon([spec, UserLevelSpec(1.1, 0.01, 5, DELTA, accountant="rdp")])
+
+
+# -- sample-level (utterance-level) DP-SGD -----------------------------------------------------------------
+def _fine_pld(history, delta=DELTA, interval=1e-4) -> float:
+    pld = PLDAccountant(value_discretization_interval=interval)
+    for z, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+        pld.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return float(pld.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("z,q,steps", [(1.0, 0.25, 40), (0.62, 0.035, 60), (0.5, 0.03, 500), (2.0, 0.01, 1000)])
+def test_sample_level_pld_is_below_rdp(z, q, steps):
+    pld, rdp = sample_level_epsilon([(z, q, steps)], DELTA), sample_level_epsilon([(z, q, steps)], DELTA, "rdp")
+    assert 0 < pld < rdp
+    assert sample_level_epsilon([(z, q, steps)], DELTA, "pld") == pld  # pld is the default
+
+
+@pytest.mark.parametrize("z,q,steps,interval", [(1.0, 0.25, 40, 1e-4), (0.62, 0.035, 60, 2e-4)])
+def test_sample_level_pld_is_a_tight_upper_bound(z, q, steps, interval):
+    pld, fine = sample_level_epsilon([(z, q, steps)], DELTA), _fine_pld([(z, q, steps)], interval=interval)
+    assert fine - 10 * interval <= pld <= fine * 1.01  # both pessimistic: the fine grid's own slack ~10 steps
+
+
+def test_sample_level_prv_lands_on_pld():
+    history = [(0.62, 0.035, 60)]
+    assert sample_level_epsilon(history, DELTA, "prv") == pytest.approx(sample_level_epsilon(history, DELTA), rel=0.01)
+
+
+@pytest.mark.parametrize("z,q,steps", [(0.5, 0.03, 60), (0.62, 0.035, 60), (1.0, 0.25, 40), (0.5, 0.03, 500)])
+def test_sample_level_rdp_is_opacus_and_agrees_with_dp_accounting(z, q, steps):
+    acc = create_accountant("rdp")
+    acc.history = [(z, q, steps)]
+    ours = sample_level_epsilon([(z, q, steps)], DELTA, "rdp")
+    assert ours == acc.get_epsilon(DELTA)
+    # dp_accounting's RDP on the same orders bounds the fractional orders' series term by term (and
+    # drops unconverged ones): never below Opacus', and within 1.5% here
+    rdp = dp_accounting.rdp.RdpAccountant([float(a) for a in RDPAccountant.DEFAULT_ALPHAS])
+    rdp.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps))
+    assert ours * (1 - 1e-9) <= rdp.get_epsilon(DELTA) <= ours * 1.015
+
+
+@pytest.mark.parametrize("accountant", SAMPLE_ACCOUNTANTS)
+def test_sample_level_histories_compose(accountant):
+    q = 0.035
+    a, b = (1.0, q, 100), (0.7, q, 30)
+    both = sample_level_epsilon([a, b], DELTA, accountant)
+    assert both > max(sample_level_epsilon([a], DELTA, accountant), sample_level_epsilon([b], DELTA, accountant))
+    assert sample_level_epsilon([b, a], DELTA, accountant) == pytest.approx(both, rel=1e-6)
+    assert sample_level_epsilon([(0.8, q, 20), (0.8, q, 45)], DELTA, accountant) == pytest.approx(
+        sample_level_epsilon([(0.8, q, 65)], DELTA, accountant), rel=1e-6)
+    if accountant == "pld":
+        assert both == pytest.approx(_fine_pld([a, b], interval=5e-4), rel=0.01)
+
+
+def test_sample_level_degenerate_cases_and_validation():
+    assert sample_level_epsilon([], DELTA) == 0.0
+    assert sample_level_epsilon([(1.0, 0.1, 0), (0.5, 0.2, 0)], DELTA, "rdp") == 0.0
+    assert sample_level_epsilon([(1.0, 0.1, 0), (1.0, 0.1, 10)], DELTA) == sample_level_epsilon([(1.0, 0.1, 10)], DELTA)
+    assert sample_level_epsilon([(1e-3, 1.0, 10)], DELTA, "prv") == math.inf  # Opacus' PRV overflows: inf
+    good = (1.0, 0.1, 10)
+    for entry, match in [((0.0, 0.1, 10), "noise"), ((-1.0, 0.1, 10), "noise"), ((math.nan, 0.1, 10), "noise"),
+                         ((1.0, 0.0, 10), "sample_rate"), ((1.0, 1.5, 10), "sample_rate"),
+                         ((1.0, 0.1, -1), "steps"), ((1.0, 0.1, 2.5), "steps"), ((1.0, 0.1, True), "steps")]:
+        with pytest.raises(ValueError, match=match):
+            sample_level_epsilon([good, entry], DELTA)
+    for delta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="delta"):
+            sample_level_epsilon([good], delta)
+    with pytest.raises(ValueError, match="gdp"):
+        sample_level_epsilon([good], DELTA, "gdp")
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("target", [4.0, 8.0])
+def test_sample_level_calibration_is_the_smallest_noise(target, accountant):
+    q, steps = 64 / 1825, 60
+    z = sample_level_noise_multiplier(target, DELTA, q, steps, accountant)
+    assert sample_level_epsilon([(z, q, steps)], DELTA, accountant) <= target
+    assert sample_level_epsilon([(z * (1 - 2e-3), q, steps)], DELTA, accountant) > target
+
+
+@pytest.mark.parametrize("target", [4.0, 8.0])
+def test_sample_level_pld_calibrates_less_noise_than_rdp(target):
+    q, steps = 64 / 1825, 60
+    z = sample_level_noise_multiplier(target, DELTA, q, steps)  # pld, the default
+    assert z == sample_level_noise_multiplier(target, DELTA, q, steps, "pld")
+    assert z < 0.97 * sample_level_noise_multiplier(target, DELTA, q, steps, "rdp")
+
+
+def test_sample_level_calibration_with_prv_and_unattainable_targets():
+    q, steps = 64 / 1825, 60
+    z = sample_level_noise_multiplier(2.0, DELTA, q, steps, "prv")
+    acc = create_accountant("prv")
+    acc.history = [(z, q, steps)]
+    assert 1.98 <= acc.get_epsilon(DELTA) <= 2.0
+    with pytest.raises(ValueError, match="unattainable"):
+        sample_level_noise_multiplier(1e-9, DELTA, 1.0, 1000, "rdp")

@@ -24,10 +24,11 @@ from flwr.common.config import parse_config_args
 import clients.client_app as client_app
 from clients import device_cli
 from clients.client_app import DeviceSettings, _train
-from clients.device_app import policy_from_node_config
+from clients.device_app import ALLOW_SAMPLE_NOISE, policy_from_node_config
+from clients.policy import check_mechanism
 from clients.state import LEDGER, RELEASE, SERVER_LEDGER, STATUS, DeviceState, ServerAccount
 from fl import protocol as P
-from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
+from fl.config import DevicePolicy, FederationConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.text import CharTokenizer
 from fl.model.conformer import ConformerCTC, ConformerRecognizer
 from fl.privacy.sample import SampleAccount, SampleLevel
@@ -215,15 +216,43 @@ def test_a_deployed_device_keeps_the_safe_defaults_unless_its_operator_opts_out(
     args = device_cli.build_parser().parse_args(BASE)
     assert device_cli.policy_of(args) == DevicePolicy() == policy_from_node_config({})  # no key: the defaults
     assert policy_from_node_config(_node_config(args)) == DevicePolicy()
+    assert "central" not in device_cli.policy_of(args).allowed_sample_noise  # a clear gradient sum: opt-in only
     weaker = device_cli.build_parser().parse_args(BASE + [
         "--allow-user-noise", "central,local,distributed", "--max-epsilon", "none", "--min-sample-z", "0.2",
-        "--max-server-epsilon", "25", "--min-user-z", "0", "--privacy-delta", "1e-6"])
-    expected = DevicePolicy(0.2, 0.0, ["central", "local", "distributed"], None, 25.0, 1e-6)
+        "--max-server-epsilon", "25", "--min-user-z", "0", "--privacy-delta", "1e-6",
+        "--allow-sample-noise", "central,device"])
+    expected = DevicePolicy(min_sample_z=0.2, min_user_z=0.0, allowed_user_noise=["central", "local", "distributed"],
+                            allowed_sample_noise=["central", "device"], max_sample_epsilon=None,
+                            max_server_epsilon=25.0, delta=1e-6)
     assert device_cli.policy_of(weaker) == expected == policy_from_node_config(_node_config(weaker))
     with pytest.raises(SystemExit):
         device_cli.build_parser().parse_args(BASE + ["--allow-user-noise", "clear"])
     with pytest.raises(ValueError):
         policy_from_node_config({"allow-user-noise": "everywhere"})
+
+
+@pytest.mark.parametrize("flag,bad", [("--allow-sample-noise", "local"), ("--allow-sample-noise", "device,clear"),
+                                      ("--allow-user-noise", "device")])
+def test_a_placement_of_the_wrong_level_is_a_clear_error(flag, bad, capsys):
+    with pytest.raises(SystemExit):
+        device_cli.build_parser().parse_args(BASE + [flag, bad])
+    err = capsys.readouterr().err
+    assert flag in err and "not among" in err
+    with pytest.raises(ValueError, match="allowed_sample_noise"):
+        policy_from_node_config({"allow-sample-noise": "local"})  # a user-level placement
+
+
+def test_a_deployed_device_refuses_central_sample_noise_unless_it_opts_in(tmp_path, nothing_trains):
+    """DP-FedSGD with central noise sends the clipped gradient sum in clear: only an explicit opt-in accepts it."""
+    central = SampleLevel(1.0, 1.0, SAMPLE.sample_rate, SAMPLE.steps, noise="central", expected_batch=8.0,
+                          sum_cap=8.0)
+    default = policy_from_node_config({})
+    assert check_mechanism(default, central, None).code == P.DECLINED_PLACEMENT
+    before = _files(tmp_path)
+    _assert_declined(_ask(_device(default, noise=None), tmp_path, central.to_config()), tmp_path, before,
+                     P.DECLINED_PLACEMENT)
+    opted_in = policy_from_node_config({ALLOW_SAMPLE_NOISE: "device,central"})
+    assert opted_in.allowed_sample_noise == ["device", "central"] and check_mechanism(opted_in, central, None) is None
 
 
 def test_a_deployed_device_ignores_the_run_configs_device_policy(tmp_path, monkeypatch):
@@ -252,13 +281,21 @@ def test_status_shows_both_ledgers_and_the_policy(tmp_path, capsys):
     assert device_cli.show_status(tmp_path) == 0
     out = capsys.readouterr().out
     sample_eps = SampleAccount(history=[(1.0, SAMPLE.sample_rate, SAMPLE.steps)]).epsilon(1e-5)
-    assert f"epsilon       {sample_eps:.3f} at delta 1e-05 (rdp)" in out
+    assert f"epsilon       {sample_eps:.3f} at delta 1e-05 (pld)" in out
     assert f"server eps    {server_facing_epsilon([2.0], 1e-5):.3f} at delta 1e-05 (pld)" in out
     assert "1 noised release(s)" in out
-    assert "policy        noise multiplier >= 0.5 (DP-SGD), >= 0.3 (user-level); user-level noise: local, distributed" \
-        in out
+    assert "policy        noise multiplier >= 0.5 (DP-SGD), >= 0.3 (user-level); user-level noise: local, " \
+        "distributed; sample-level noise: device, distributed" in out
     assert "budgets       sample-level 10, server-facing 10 (at delta 1e-05, every run)" in out
     assert f"round 2: {P.DECLINE_REASONS[P.DECLINED_PLACEMENT]} [code {P.DECLINED_PLACEMENT}]" in out
+
+
+def test_status_shows_the_sample_level_placements_even_for_an_older_record():
+    opted = asdict(DevicePolicy(allowed_sample_noise=["central"]))
+    assert "sample-level noise: central" in device_cli.policy_lines(opted)[0]
+    older = {k: v for k, v in asdict(DevicePolicy()).items() if k != "allowed_sample_noise"}  # before the field
+    assert device_cli.policy_lines(older)[0].endswith("sample-level noise: device, distributed")
+    assert "sample noise device,distributed" in device_cli.policy_lines(None)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,10 +380,11 @@ def test_a_resumed_run_draws_its_noise_from_the_persisted_secret(tmp_path, task_
     from fl.privacy.randomness import SERVER_NOISE, Secret
 
     user = UserPrivacyConfig(noise="central", noise_multiplier=2.0, clipping_norm=0.1, delta=1e-4)
-    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=1, user=user))
+    fedavg = FederationConfig(server_optimizer="fedavg")  # the model moves by the noised mean itself
+    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=1, user=user, federation=fedavg))
     secret_file = tmp_path / "run" / checkpoint.PRIVATE / checkpoint.SECRET
     key = secret_file.read_bytes()
-    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=2, resume=True, user=user))
+    run_server(RecordingGrid([1, 2, 3]), _server(tmp_path, "run", rounds=2, resume=True, user=user, federation=fedavg))
     assert secret_file.read_bytes() == key
     ckpt = [torch.load(tmp_path / "run" / "checkpoints" / f"round-{r:03d}.pt", weights_only=False)["state_dict"]
             for r in (1, 2)]

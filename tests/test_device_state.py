@@ -19,7 +19,7 @@ def _global(value: float = 0.0) -> ArrayRecord:
 
 def test_ledger_round_trips_through_a_fresh_view_of_the_folder(tmp_path):
     assert DeviceState(tmp_path).account("rdp").history == []
-    acc = SampleAccount(history=[(0.8, 0.25, 8), (0.8, 0.25, 8)])
+    acc = SampleAccount(history=[(0.8, 0.25, 8), (0.8, 0.25, 8)], accountant="rdp")
     DeviceState(tmp_path).commit(Release("1:x", "d", None, 0), acc, 1, 8, 12, 0.5)
     again = DeviceState(tmp_path).account("rdp")
     assert again.history == acc.history and again.epsilon(1e-5) == acc.epsilon(1e-5)

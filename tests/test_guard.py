@@ -16,7 +16,8 @@ from fl.privacy.user import UserRound
 SHAPES = {"w": (2, 3), "b": (3,)}
 NONE, SAMPLE, USER, BOTH = (allowed_metrics(False, False), allowed_metrics(True, False),
                             allowed_metrics(False, True), allowed_metrics(True, True))
-SAMPLE_ECHO = set(SampleLevel(1.0, 1.0, 0.25, 8).echo())
+SAMPLE_ECHO = set(SampleLevel(1.0, 1.0, 0.25, 8).echo()) | set(
+    SampleLevel(1.0, 1.0, 0.25, 8, noise="central", expected_batch=8.0, sum_cap=1.0).echo())
 USER_ECHO = set(UserRound(1.0, 1.0, 0).echo())
 
 
@@ -35,7 +36,8 @@ def test_each_mode_allows_exactly_its_echo():
     assert USER == always | USER_ECHO | {P.CLIP_BIT}
     assert BOTH == SAMPLE | USER
     assert NONE == always | {P.NUM_EXAMPLES, P.TRAIN_LOSS, P.WER, P.CER, P.LOSS, P.WORDS, P.CHARS}
-    assert SAMPLE_ECHO == {"sample-z", "sample-c", "sample-q", "sample-steps"}
+    assert SAMPLE_ECHO == {"sample-z", "sample-c", "sample-q", "sample-steps", "sample-noise", "sample-batch",
+                           "sample-sum-cap", "sample-noise-cohort"}
     assert USER_ECHO == {"user-z", "user-c", "user-noise-cohort", "user-clipping"}
 
 

@@ -294,3 +294,38 @@ def test_a_failure_under_secagg_leaves_as_a_fixed_code_only():
         assert reply.has_error() and reply.error.code == code and reply.error.reason == P.DEVICE_ERRORS[code]
         wire = message_to_proto(reply).SerializeToString()
         assert b"alice" not in wire and b"mother" not in wire and b"clip7" not in wire
+
+
+def test_the_adapter_checks_a_dp_fedsgd_share_like_a_user_level_one():
+    """Sample-level distributed noise: a noise cohort above the threshold, or a range that would clip
+    the share, is refused before training; a share that fits trains. The server runs such a round
+    under SecAgg+ (``Mechanisms.secure``)."""
+    from fl.config import SamplePrivacyConfig
+    from fl.privacy.randomness import Secret
+    from fl.privacy.sample import SampleLevel
+    from server.aggregate import Mechanisms
+
+    def share(z: float, cohort: int) -> dict:
+        return SampleLevel(z, 1.0, 0.5, 1, noise="distributed", expected_batch=4.0, sum_cap=0.5,
+                           noise_cohort=cohort).to_config()
+
+    msg, context = _collect_stage_message(0, share(0.1, 4))
+    with pytest.raises(OutboundViolation, match="exceeds the SecAgg"):
+        fitres_adapter(msg, context, lambda m, c: pytest.fail("train must not run"))
+    msg, context = _collect_stage_message(0, share(5.0, 3))
+    with pytest.raises(OutboundViolation, match="range"):
+        fitres_adapter(msg, context, lambda m, c: pytest.fail("train must not run"))
+    fits = share(0.1, 3)
+    msg, context = _collect_stage_message(0, fits)
+    trained = []
+
+    def train(m: Message, c: Context) -> Message:
+        trained.append(m)
+        return Message(RecordDict({P.ARRAYS: ArrayRecord({"b": torch.zeros(5), "w": torch.zeros(3, 4)}),
+                                   P.METRICS: MetricRecord(fits)}), reply_to=m)
+
+    fitres_adapter(msg, context, train)
+    assert trained
+    level = SampleLevel.from_message(fits, SamplePrivacyConfig())
+    assert Mechanisms(level, None, Secret(bytes(32))).secure
+    assert not Mechanisms(SampleLevel(1.0, 1.0, 0.5, 1), None, Secret(bytes(32))).secure

@@ -197,3 +197,29 @@ def test_bad_settings_are_refused_with_a_reason(small_whisper, tmp_path):
         build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper), input_seconds=45))
     with pytest.raises(S.SeedError, match="not a Hugging Face Whisper folder"):
         build_recognizer(ModelConfig(kind="whisper", path=str(tmp_path)))
+
+
+def test_modules_share_the_frozen_seed_and_copy_only_what_trains(small_whisper):
+    """A device round copies the trainable values alone: every module of a recognizer holds the same
+    frozen tensors (the seed's), and training one -- plain AdamW or DP-SGD -- moves neither the
+    others nor those shared tensors. (A full deep copy fails the sharing; a copy that shared a
+    trainable tensor fails the independence.)"""
+    from fl.privacy.randomness import Secret
+    from fl.privacy.sample import SampleAccount, SampleLevel
+
+    recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper)))
+    a, b = recognizer.new_module(), recognizer.new_module()
+    frozen = {n: p for n, p in a.named_parameters() if not p.requires_grad}
+    trained = {n for n, p in a.named_parameters() if p.requires_grad}
+    others = dict(b.named_parameters())
+    assert frozen and trained
+    assert all(others[n].data_ptr() == p.data_ptr() for n, p in frozen.items())
+    assert all(others[n].data_ptr() != dict(a.named_parameters())[n].data_ptr() for n in trained)
+    snapshot = {k: v.clone() for k, v in b.state_dict().items()}
+    examples = _examples(recognizer)
+    plain_round(a, recognizer, examples, TrainConfig(local_steps=2, batch_size=2, lr=1e-2), seed=0)
+    SampleLevel(1.0, 1.0, 1.0, 2).train(a, recognizer, examples, TrainConfig(local_steps=2, batch_size=2, lr=1e-2),
+                                        SampleAccount(), Secret(bytes(32)), 0)
+    assert any(not torch.equal(p, snapshot[n]) for n, p in a.named_parameters() if n in trained)
+    assert all(torch.equal(v, snapshot[k]) for k, v in b.state_dict().items())
+    assert all(not p.requires_grad for p in frozen.values())

@@ -1,4 +1,5 @@
-"""User-level privacy accounting for DP-FedAvg, on Google's ``dp_accounting`` (not Opacus).
+"""Privacy accounting: user-level for DP-FedAvg on Google's ``dp_accounting`` (not Opacus), and
+sample-level for DP-SGD (PLD on ``dp_accounting``; RDP and PRV from Opacus), see the end.
 
 What is accounted: ``rounds`` rounds, each releasing the sum of the cohort's contributions, each of
 L2 norm <= C, plus Gaussian noise of std z*C on the sum (``fl.privacy.user``). The epsilon returned
@@ -18,8 +19,18 @@ privacy loss of everything released over the rounds, with respect to one device'
   sensitivity would be 2C, i.e. the epsilon of noise multiplier z/2.
 
 Adaptive clipping (``AdaptiveClipNorm``) is covered by accounting its total noise multiplier
-z_total, not the one left for the updates. The device-level DP-SGD budget is separate
-(``fl.privacy.sample``); ``sample_level_noise_multiplier`` calibrates it with Opacus.
+z_total, not the one left for the updates.
+
+Sample-level (utterance-level) DP-SGD, a separate budget (``fl.privacy.sample``): a device's history
+is a list of ``(z, q, steps)`` runs, each step a Poisson-subsampled Gaussian mechanism (rate q,
+noise std z*C, adjacency: add or remove one utterance), all composed (``sample_level_epsilon``).
+The reported figure is PLD (dp_accounting; tight, and with its pessimistic discretisation an upper
+bound), with RDP beside it (Opacus' RDP accountant, looser: the figure DP-SGD usually reports;
+dp_accounting's RDP bounds the fractional orders' series term by term and is up to ~5% looser
+still at q = 0.25). ``prv`` (Opacus' PRV accountant's upper bound) is accepted too.
+No amplification by *device* sampling is claimed at sample level: a device is accounted over every
+round it was asked to train in, each of its steps at rate q -- conservative.
+``sample_level_noise_multiplier`` calibrates z for a target epsilon with the same accountants.
 """
 
 from __future__ import annotations
@@ -27,14 +38,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants import create_accountant
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +117,38 @@ def _round_event(spec: UserLevelSpec) -> dp_accounting.DpEvent:
     return dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
 
 
-def _pld_epsilon(spec: UserLevelSpec) -> float:
-    z = spec.noise_multiplier
-    if spec.sampling == "fixed":
-        z /= math.sqrt(spec.rounds)  # T-fold Gaussian(z) is one Gaussian(z / sqrt(T))
-    interval = PLD_DISCRETIZATION * max(1.0, (0.5 / z) ** 2)
+def _pld_epsilon_of(events: Sequence[dp_accounting.DpEvent], delta: float, interval: float) -> float:
+    """Epsilon at ``delta`` of ``events`` composed in one PLD accountant on a grid of ``interval``.
+
+    The pessimistic discretisation adds up to ~10 grid steps to epsilon; when that could exceed
+    ~1% the epsilon is recomputed on a grid of epsilon/1000 (no finer than ``PLD_FINEST``). Both
+    are upper bounds: the smaller is returned.
+    """
 
     def epsilon(value_discretization_interval: float) -> float:
         accountant = PLDAccountant(value_discretization_interval=value_discretization_interval)
-        accountant.compose(dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds))
-        return float(accountant.get_epsilon(spec.delta))
+        for event in events:
+            accountant.compose(event)
+        return float(accountant.get_epsilon(delta))
 
     eps = epsilon(interval)
     finer = max(eps / 1000.0, PLD_FINEST)
     if finer < interval / 2:
         eps = min(eps, epsilon(finer))  # both are upper bounds (pessimistic discretisation)
     return eps
+
+
+def _pld_interval(noise_multiplier: float) -> float:
+    """PLD grid for noise multiplier z: ``PLD_DISCRETIZATION``, coarsened like 1/z^2 below z = 0.5."""
+    return PLD_DISCRETIZATION * max(1.0, (0.5 / noise_multiplier) ** 2)
+
+
+def _pld_epsilon(spec: UserLevelSpec) -> float:
+    z = spec.noise_multiplier
+    if spec.sampling == "fixed":
+        z /= math.sqrt(spec.rounds)  # T-fold Gaussian(z) is one Gaussian(z / sqrt(T))
+    event = dp_accounting.SelfComposedDpEvent(_round_event(spec), spec.rounds)
+    return _pld_epsilon_of([event], spec.delta, _pld_interval(z))
 
 
 def user_level_epsilon(spec: UserLevelSpec) -> float:
@@ -171,22 +199,11 @@ def composed_epsilon(specs: Sequence[UserLevelSpec]) -> float:
         for event in events:
             rdp.compose(event)
         return float(rdp.get_epsilon(first.delta))
-    interval = min(PLD_DISCRETIZATION * max(1.0, (0.5 / s.noise_multiplier) ** 2) for s in specs)
-
-    def epsilon(value_discretization_interval: float) -> float:
-        pld = PLDAccountant(value_discretization_interval=value_discretization_interval)
-        for event in events:
-            pld.compose(event)
-        return float(pld.get_epsilon(first.delta))
-
+    interval = min(_pld_interval(s.noise_multiplier) for s in specs)
     try:
-        eps = epsilon(interval)
-        finer = max(eps / 1000.0, PLD_FINEST)
-        if finer < interval / 2:
-            eps = min(eps, epsilon(finer))  # both are upper bounds (pessimistic discretisation)
+        return _pld_epsilon_of(events, first.delta, interval)
     except (OverflowError, MemoryError):
         return math.inf
-    return eps
 
 
 def calibrate_noise_multiplier(
@@ -260,19 +277,144 @@ def extrapolate(population: int, cohort: int) -> float:
     return cohort / population
 
 
+# -- sample-level (utterance-level) DP-SGD ----------------------------------------------------------
+SAMPLE_ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp", "prv")
+"""Sample-level accountants whose epsilon is an upper bound (Opacus' ``gdp`` is an approximation: refused)."""
+
+
+def _sample_history(history: Sequence[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """``history`` validated, with the steps of equal (z, q) runs added up, steps-0 runs dropped, in a
+    canonical (sorted) order: composition is commutative, so this is the same mechanism."""
+    steps: dict[tuple[float, float], int] = {}
+    for entry in history:
+        z, q, n = entry
+        if isinstance(z, bool) or not isinstance(z, numbers.Real) or not (math.isfinite(z) and z > 0):
+            raise ValueError(f"sample-level noise multiplier must be finite and > 0, got {z!r} in {entry!r}")
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < q <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {q!r} in {entry!r}")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {n!r} in {entry!r}")
+        if n > 0:
+            key = (float(z), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+    return tuple(sorted((z, q, n) for (z, q), n in steps.items()))
+
+
+def _sample_event(z: float, q: float, steps: int) -> dp_accounting.DpEvent:
+    gaussian = dp_accounting.GaussianDpEvent(z)
+    step = gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sample_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # cached: devices' ledgers repeat (same rounds, same mechanism), and calibration re-asks
+    try:
+        if accountant == "pld":
+            events = [_sample_event(*entry) for entry in history]
+            return _pld_epsilon_of(events, delta, min(_pld_interval(z) for z, _, _ in history))
+        opacus = create_accountant(accountant)  # rdp, prv: Opacus' own, exactly as DP-SGD reports it
+        opacus.history = list(history)
+        with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1, handled, but warned
+            return float(opacus.get_epsilon(delta))
+    except (OverflowError, MemoryError):
+        log.warning("sample-level epsilon of history %s overflows the %s accountant: reporting inf",
+                    list(history), accountant)
+        return math.inf
+
+
+def sample_level_epsilon(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "pld"
+) -> float:
+    """Epsilon at ``delta`` of a device's DP-SGD history: every ``(z, q, steps)`` entry is ``steps``
+    Poisson-subsampled Gaussian steps (rate q, noise multiplier z; add/remove-one-utterance
+    adjacency), all composed.
+
+    ``accountant``: ``pld`` (dp_accounting's privacy loss distributions: tight, an upper bound by
+    pessimistic discretisation -- the reported figure), ``rdp`` (Opacus' RDP accountant, its default
+    orders: looser, the classic figure) or ``prv`` (Opacus' PRV accountant, its upper bound). 0.0
+    for an empty history (or zero steps); ``math.inf`` when the accountant's arithmetic overflows.
+    Equal (z, q) entries are merged and the order of entries does not matter.
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if accountant not in SAMPLE_ACCOUNTANTS:
+        raise ValueError(f"sample-level accountant {accountant!r} is not one of {SAMPLE_ACCOUNTANTS}: "
+                         "gdp is an approximation, not a bound")
+    runs = _sample_history(history)
+    if not runs:
+        return 0.0
+    return _sample_epsilon(runs, float(delta), accountant)
+
+
+def _smallest_noise(epsilon: Callable[[float], float], target: float, rtol: float, unattainable: str) -> float:
+    """Smallest z in [_MIN_Z, _MAX_Z] (to ``rtol`` relative) with ``epsilon(z) <= target``, for an
+    ``epsilon`` decreasing in z; the z returned is one whose epsilon was computed and is <= target.
+
+    A bracket [lo, hi] (epsilon(lo) > target >= epsilon(hi)) by doubling or halving from z = 1, as
+    ``calibrate_noise_multiplier`` does; then, since log epsilon is nearly linear in log z, false
+    position on the chord's root, pushed a little (doubling while the same end keeps moving) past
+    it so that both ends close in: ~4 evaluations instead of bisection's ~10. Bisection whenever
+    the bracket has not halved in 4 evaluations.
+    """
+    known: dict[float, float] = {}
+
+    def f(z: float) -> float:  # log(epsilon / target): > 0 too little noise, <= 0 enough
+        if z not in known:
+            eps = epsilon(z)
+            known[z] = -math.inf if eps <= 0.0 else math.log(eps / target) if math.isfinite(eps) else math.inf
+        return known[z]
+
+    hi = 1.0
+    while f(hi) > 0:
+        if hi >= _MAX_Z:
+            raise ValueError(unattainable)
+        hi = min(2.0 * hi, _MAX_Z)
+    lo = hi / 2.0
+    while f(lo) <= 0:
+        if lo <= _MIN_Z:
+            return lo
+        hi, lo = lo, max(lo / 2.0, _MIN_Z)
+    tol = math.log1p(rtol)
+    u_lo, u_hi = math.log(lo), math.log(hi)
+    side, push = 0, tol / 2  # side: +1 if hi moved last, -1 if lo did
+    width, tries = u_hi - u_lo, 0
+    while u_hi - u_lo > tol:
+        w = u_hi - u_lo
+        f_lo, f_hi = f(lo), f(hi)
+        if tries < 4 and math.isfinite(f_lo) and math.isfinite(f_hi):
+            u = u_lo + w * f_lo / (f_lo - f_hi) - side * push
+            margin = min(w / 4.0, tol / 8.0)
+            u = min(max(u, u_lo + margin), u_hi - margin)  # strictly inside: the bracket shrinks
+        else:
+            u = u_lo + w / 2.0
+        z = math.exp(u)
+        moved = 1 if f(z) <= 0 else -1
+        if moved > 0:
+            hi, u_hi = z, u
+        else:
+            lo, u_lo = z, u
+        push = 2.0 * push if moved == side else tol / 2
+        side = moved
+        tries += 1
+        if u_hi - u_lo <= width / 2.0:
+            width, tries = u_hi - u_lo, 0
+    return hi
+
+
 def sample_level_noise_multiplier(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
     steps: int,
-    accountant: str = "rdp",
+    accountant: str = "pld",
+    rtol: float = 1e-3,
 ) -> float:
-    """Opacus DP-SGD noise multiplier reaching ``target_epsilon`` after ``steps`` steps at rate
-    ``sample_rate`` (a device's whole training over all rounds it will take part in).
-
-    Uses ``opacus.accountants.utils.get_noise_multiplier`` (accountants ``rdp`` or ``prv``; ``gdp``
-    is an approximation, not a bound, and is refused) with a tolerance of 1% of the target (at most
-    0.01); its result has epsilon <= target.
+    """Smallest DP-SGD noise multiplier z (to ``rtol`` relative) whose ``sample_level_epsilon`` after
+    ``steps`` steps at rate ``sample_rate`` (a device's whole training over all rounds it will take
+    part in) is <= ``target_epsilon``, with ``accountant`` (``pld``, ``rdp`` or ``prv``; ``gdp`` is
+    an approximation, not a bound, and is refused). The z returned is one whose epsilon was
+    computed and found <= the target. Raises ``ValueError`` when even z = 1e5 does not reach it.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
@@ -282,15 +424,17 @@ def sample_level_noise_multiplier(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if accountant not in ("rdp", "prv"):
-        raise ValueError(f"sample-level accountant {accountant!r} is not one of ('rdp', 'prv'): gdp is not a bound")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=min(0.01, 0.01 * target_epsilon),
-        )
+    if accountant not in SAMPLE_ACCOUNTANTS:
+        raise ValueError(f"sample-level accountant {accountant!r} is not one of {SAMPLE_ACCOUNTANTS}: "
+                         "gdp is not a bound")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    z = _smallest_noise(
+        lambda z: sample_level_epsilon([(z, sample_rate, steps)], delta, accountant),
+        target_epsilon, rtol,
+        f"sample-level epsilon {target_epsilon} is unattainable in {steps} steps at q={sample_rate} even with "
+        f"noise multiplier {_MAX_Z:g}: raise the target, or use fewer steps or a smaller sample rate",
     )
+    log.info("calibrated sample-level noise multiplier %.4f for epsilon %.3g (delta %.1e, %d steps, q=%.3g, %s)",
+             z, target_epsilon, delta, steps, sample_rate, accountant)
+    return z

@@ -46,7 +46,7 @@ SECRET_BYTES = 32
 REPRODUCIBLE_LABEL = "reproducible noise: no protection against anyone holding the config"
 
 # Purposes: one stream family each. Server side:
-SERVER_NOISE = "server-noise"  # central user-level noise on the round's sum
+SERVER_NOISE = "server-noise"  # central noise on the round's sum (user level, or DP-FedSGD's total)
 COHORT = "cohort"  # which devices are sampled in a round
 CLIP_COUNT = "clip-count"  # noise on the adaptive-clipping count (central)
 # Device side (indexed by the device's release counter):

@@ -1,4 +1,4 @@
-"""Sample-level (utterance-level) differential privacy: DP-SGD on a device, with Opacus.
+"""Sample-level (utterance-level) differential privacy: DP-SGD on a device, or once on the aggregate.
 
 Guarantee: for one device, the sequence of updates it releases over all rounds it has trained in
 is (epsilon, delta)-DP with respect to adding or removing any single utterance of that device's
@@ -16,6 +16,20 @@ and the device's ledger (``SampleAccount``) carries its history across rounds an
 composes over every step the device ever took. It says nothing about a device's identity or its
 data as a whole: that is user-level DP (``fl/privacy/user.py``).
 
+Where the noise goes (``noise``): ``device`` is the above. ``central`` and ``distributed`` are
+DP-FedSGD: each round is ``steps`` DP-SGD steps of the whole federation at the global weights. Every
+device draws its Poisson batches at q from its secret, clips each utterance's gradient to C (Opacus'
+``clip_and_accumulate``), sums, projects the sum onto the ball of radius ``sum_cap`` (1-Lipschitz,
+so one utterance still moves it by at most C a batch) and sends it (``clipped_sum``); the noise
+N(0, steps (z C)^2) goes once on the cohort's total -- added by the server from its secret
+(``central``: the server is trusted, it sees clipped sums), or as shares N(0, steps (zC)^2 / t)
+each device draws from its own secret inside SecAgg+, which decodes only sums of >= t devices
+(``distributed``) -- and the total is divided by the public expected batch B (``aggregate``). The
+same guarantee as above then holds for the released models (and, under ``distributed``, against an
+honest-but-curious server), accounted the same way: ``steps`` Poisson-subsampled Gaussian steps at
+(z, q) a round, for every round the device was asked (no credit for sampling devices). This is the
+split of Opacus' ``DistributedDPOptimizer``: workers clip and sum, the noise is added once.
+
 One owner: :class:`SampleLevel` holds the mechanism's parameters (z, C, q, steps per round), is
 built from config in one place (the server's ``from_config``, which calibrates z for the
 worst-case participation when a target epsilon is set), travels to devices in every train message
@@ -27,30 +41,33 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from torch import nn
+from torch import Tensor, nn
 
 from fl import protocol
-from fl.config import SamplePrivacyConfig, TrainConfig
+from fl.config import SAMPLE_NOISE_PLACEMENTS, SamplePrivacyConfig, TrainConfig
 from fl.data.features import Batch, Example
 from fl.model import Recognizer
 from fl.privacy import grad_samplers  # noqa: F401  (registers the depthwise convolution's rule)
-from fl.privacy.accounting import sample_level_noise_multiplier
-from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, Secret, Stream
+from fl.privacy.accounting import SAMPLE_ACCOUNTANTS, sample_level_epsilon, sample_level_noise_multiplier
+from fl.privacy.gaussian import clip_update, gaussian_noise_like, noise_norm_bound, update_norm
+from fl.privacy.randomness import BATCHES, DP_SGD_NOISE, SERVER_NOISE, Secret, Stream
 
 History = list[tuple[float, float, int]]
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = SAMPLE_ACCOUNTANTS
 """Sample-level accountants whose epsilon is an upper bound (Opacus' ``gdp`` is an approximation: refused)."""
 
 # train-message config keys (server -> device) and echo metric keys (device -> server)
 Z, C, Q, STEPS = "sample-z", "sample-c", "sample-q", "sample-steps"
+NOISE, BATCH, CAP, COHORT = "sample-noise", "sample-batch", "sample-sum-cap", "sample-noise-cohort"
+SUM_CAP_BATCHES = 4.0
+"""A device's clipped sum is bounded by C x steps x max(4, 3 x its expected batch) (``SampleLevel.sum_cap``)."""
 
 
 @dataclass
@@ -58,7 +75,7 @@ class SampleAccount:
     """A device's cumulative DP-SGD history: ``(noise_multiplier, sample_rate, steps)`` runs."""
 
     history: History = field(default_factory=list)
-    accountant: str = "rdp"
+    accountant: str = "pld"
 
     @property
     def steps(self) -> int:
@@ -71,11 +88,7 @@ class SampleAccount:
         same epsilon (composition is commutative, and RDP is additive in steps), in the time of one
         entry rather than one per round.
         """
-        if not self.history:
-            return 0.0
-        acc = create_accountant(self.accountant)
-        acc.history = self.composed()
-        return float(acc.get_epsilon(delta=delta))
+        return sample_level_epsilon(self.composed(), delta, self.accountant)
 
     def composed(self) -> History:
         """The history with the steps of equal (z, q) entries added up, in first-seen order."""
@@ -129,7 +142,12 @@ class SampleLevel:
     ``noise_multiplier`` z, ``max_grad_norm`` C, ``sample_rate`` q (public, one for all devices),
     ``steps`` per round; ``delta`` and ``accountant`` for epsilon; ``secure_mode``: Opacus'
     floating-point-attack-resistant noise sampling (a device-local choice, not part of the
-    mechanism's parameters).
+    mechanism's parameters). ``noise``: where the noise is added (``device``: every device runs
+    DP-SGD; ``central`` / ``distributed``: DP-FedSGD, the noise goes on the cohort's total once);
+    for those, ``expected_batch`` B (the public constant the noised total is divided by),
+    ``sum_cap`` (the L2 bound of one device's clipped sum) and, for ``distributed``,
+    ``noise_cohort`` t (every device adds 1/t of the noise variance; SecAgg+ decodes only sums of
+    >= t devices).
     """
 
     noise_multiplier: float
@@ -137,8 +155,12 @@ class SampleLevel:
     sample_rate: float
     steps: int
     delta: float = 1e-5
-    accountant: str = "rdp"
+    accountant: str = "pld"
     secure_mode: bool = False
+    noise: str = "device"
+    expected_batch: float = 0.0
+    sum_cap: float = 0.0
+    noise_cohort: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
@@ -154,32 +176,80 @@ class SampleLevel:
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.sample.accountant={self.accountant!r} is not one of {ACCOUNTANTS} "
                              "(gdp is an approximation, not an upper bound)")
+        if self.noise not in SAMPLE_NOISE_PLACEMENTS:
+            raise ValueError(f"privacy.sample.noise={self.noise!r} is not one of {SAMPLE_NOISE_PLACEMENTS}")
+        if self.aggregated and not (self.expected_batch > 0 and self.sum_cap > 0
+                                    and math.isfinite(self.expected_batch) and math.isfinite(self.sum_cap)):
+            raise ValueError(f"noise={self.noise} needs an expected batch and a sum cap > 0, got "
+                             f"{self.expected_batch!r} and {self.sum_cap!r}")
+        if (self.noise == "distributed") != (self.noise_cohort >= 3) or self.noise_cohort < 0:
+            raise ValueError(f"noise={self.noise} with noise cohort {self.noise_cohort!r}: distributed noise needs a "
+                             "cohort >= 3 (privacy.sample.secure_threshold), the other placements none")
+
+    @property
+    def aggregated(self) -> bool:
+        """DP-FedSGD: devices send clipped sums and the noise goes on the cohort's total (central, distributed)."""
+        return self.noise != "device"
+
+    @property
+    def total_std(self) -> float:
+        """Std of the noise on each coordinate of a round's total under DP-FedSGD: z C sqrt(steps)
+        (``steps`` batches at the same weights, each a z-Gaussian release of its clipped sum)."""
+        return self.noise_multiplier * self.max_grad_norm * math.sqrt(self.steps)
+
+    @property
+    def device_std(self) -> float:
+        """Std of the share each device adds to its clipped sum (``distributed``; 0 otherwise)."""
+        return self.total_std / math.sqrt(self.noise_cohort) if self.noise == "distributed" else 0.0
 
     @classmethod
-    def from_config(cls, cfg: SamplePrivacyConfig, train: TrainConfig, rounds: int) -> "SampleLevel":
+    def from_config(cls, cfg: SamplePrivacyConfig, train: TrainConfig, rounds: int,
+                    expected_cohort: int = 1) -> "SampleLevel":
         """The run's mechanism (server side). With ``target_epsilon``, z is calibrated so that a
         device taking part in *every one* of ``rounds`` rounds stays within it: a bound, whatever
-        the sampling of devices does."""
+        the sampling of devices does. ``expected_cohort``: the devices a round asks on average
+        (public config), for DP-FedSGD's default expected batch, ``train.batch_size`` x it."""
         z = cfg.noise_multiplier
         if cfg.target_epsilon is not None:
             z = sample_level_noise_multiplier(cfg.target_epsilon, cfg.delta, cfg.sample_rate,
                                               max(1, rounds) * train.local_steps, cfg.accountant)
+        if cfg.noise == "device":
+            return cls(z, cfg.max_grad_norm, cfg.sample_rate, train.local_steps, cfg.delta, cfg.accountant,
+                       cfg.secure_mode)
+        batch = cfg.expected_batch if cfg.expected_batch is not None else train.batch_size * expected_cohort
+        per_device = batch / max(1, expected_cohort)
+        cap = cfg.max_grad_norm * train.local_steps * max(SUM_CAP_BATCHES, math.ceil(3.0 * per_device))
+        cohort = cfg.secure_threshold if cfg.noise == "distributed" else 0
         return cls(z, cfg.max_grad_norm, cfg.sample_rate, train.local_steps, cfg.delta, cfg.accountant,
-                   cfg.secure_mode)
+                   cfg.secure_mode, cfg.noise, float(batch), float(cap), cohort)
 
     # -- the wire: what the server tells devices, and what they echo ---------------------------------
     def to_config(self) -> dict[str, float | int]:
-        return {Z: self.noise_multiplier, C: self.max_grad_norm, Q: self.sample_rate, STEPS: self.steps}
+        out: dict[str, float | int] = {Z: self.noise_multiplier, C: self.max_grad_norm, Q: self.sample_rate,
+                                       STEPS: self.steps, NOISE: SAMPLE_NOISE_PLACEMENTS.index(self.noise)}
+        if self.aggregated:
+            out |= {BATCH: self.expected_batch, CAP: self.sum_cap, COHORT: self.noise_cohort}
+        return out
 
     @classmethod
     def from_message(cls, config: Mapping[str, Any], policy: SamplePrivacyConfig) -> "SampleLevel":
         """A device's mechanism: exactly the server's parameters; delta, accountant and secure mode
         are the device's own (its ledger and its noise sampling)."""
-        missing = [k for k in (Z, C, Q, STEPS) if k not in config]
+        missing = [k for k in (Z, C, Q, STEPS, NOISE) if k not in config]
         if missing:
             raise ValueError(f"the train message lacks the sample-level parameters {missing}")
+        code = int(config[NOISE])  # type: ignore[arg-type]
+        if not 0 <= code < len(SAMPLE_NOISE_PLACEMENTS):
+            raise ValueError(f"unknown sample-level noise placement code {code}")
+        noise = SAMPLE_NOISE_PLACEMENTS[code]
+        extra: tuple[float, float, int] = (0.0, 0.0, 0)
+        if noise != "device":
+            absent = [k for k in (BATCH, CAP, COHORT) if k not in config]
+            if absent:
+                raise ValueError(f"the train message lacks the DP-FedSGD parameters {absent}")
+            extra = (float(config[BATCH]), float(config[CAP]), int(config[COHORT]))  # type: ignore[arg-type]
         return cls(float(config[Z]), float(config[C]), float(config[Q]), int(config[STEPS]), policy.delta,
-                   policy.accountant, policy.secure_mode)
+                   policy.accountant, policy.secure_mode, noise, *extra)
 
     def echo(self) -> dict[str, float | int]:
         """What a device reports it used (public parameters only)."""
@@ -197,9 +267,48 @@ class SampleLevel:
             account = account.plus(self.noise_multiplier, self.sample_rate, self.steps)
         return account
 
-    def epsilon(self, rounds: int) -> float:
-        """Epsilon at ``delta`` of a device that trained ``rounds`` rounds of this mechanism."""
-        return self.account_for(rounds).epsilon(self.delta)
+    def epsilon(self, rounds: int, accountant: str | None = None) -> float:
+        """Epsilon at ``delta`` of a device that trained ``rounds`` rounds of this mechanism (with
+        ``accountant``, default the mechanism's own: the RDP figure is reported beside it)."""
+        account = self.account_for(rounds)
+        return replace(account, accountant=accountant or self.accountant).epsilon(self.delta)
+
+    # -- DP-FedSGD, the server's half ------------------------------------------------------------------
+    def check_contribution(self, contribution: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A device's clipped sum as the server may add it (central): projected onto the ball of
+        radius ``sum_cap``. The projection is 1-Lipschitz, so one utterance still moves the total by
+        at most C, and no device -- whatever it sends -- moves it by more than the cap."""
+        return clip_update(contribution, self.sum_cap)[0]
+
+    def check_total(self, total: Mapping[str, Tensor], contributors: int, step: float) -> None:
+        """Raise ``ValueError`` unless a securely aggregated total of ``contributors`` clipped sums is
+        finite and within the norm an honest one has (quantisation ``step`` per coordinate included)."""
+        norm = update_norm(total)
+        numel = sum(t.numel() for t in total.values())
+        bound = (contributors * self.sum_cap + noise_norm_bound(self.device_std * math.sqrt(contributors), numel)
+                 + contributors * step * math.sqrt(numel))
+        if not norm <= bound:
+            raise ValueError(f"the decoded total of {contributors} clipped sums has norm {norm:.4g}, above the "
+                             f"{bound:.4g} of honest ones (a device sent out-of-range values)")
+
+    def aggregate(self, contributions: Sequence[Mapping[str, Tensor]], reference: Mapping[str, Tensor],
+                  secret: Secret, server_round: int) -> dict[str, Tensor]:
+        """The round's noised mean descent direction, -(sum + N(0, steps z^2 C^2)) / (steps B).
+
+        ``contributions``: checked clipped sums (central), or the one decoded total (distributed:
+        it already carries the devices' shares). Central noise: stream ``server-noise`` of the
+        server's ``secret`` for ``server_round``; a round with no contribution still adds it.
+        """
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items() if v.is_floating_point()}
+        for c in contributions:
+            for k in total:
+                total[k] += c[k].to(torch.float64)
+        if self.noise == "central":
+            noise = gaussian_noise_like(total, self.total_std, secret.stream(SERVER_NOISE, server_round),
+                                        self.secure_mode)
+            total = {k: v + noise[k] for k, v in total.items()}
+        scale = -1.0 / (self.steps * self.expected_batch)
+        return {k: (v * scale).to(reference[k].dtype) for k, v in total.items()}
 
     # -- the device's half -----------------------------------------------------------------------------
     def make_private(self, model: nn.Module, train: TrainConfig, stream: Stream
@@ -245,6 +354,57 @@ class SampleLevel:
         account.history = self.account_for(1, account).history
         gs_model.to_standard_module()
         return sum(losses) / len(losses) if losses else float("nan")
+
+
+    def clipped_sum(self, weights: Mapping[str, Tensor], recognizer: Recognizer, examples: Sequence[Example],
+                    account: SampleAccount, secret: Secret, release: int) -> dict[str, Tensor]:
+        """DP-FedSGD, the device's half: ``steps`` Poisson batches at the global ``weights`` (the
+        shared entries of the train message), every utterance's gradient clipped to C (Opacus' own
+        ``clip_and_accumulate``), summed, the sum projected onto the ball of radius ``sum_cap``,
+        plus -- ``distributed`` -- this device's share N(0, device_std^2) (stream ``dp-sgd-noise``).
+        Nothing is stepped; a device whose batches are all empty builds no model at all. ``account``
+        records the ``steps`` composed steps. Keys: every floating-point entry of ``weights`` (zeros
+        where nothing trains), so the reply has the global model's layout.
+
+        Guarantee: one utterance moves the (pre-noise) sum by at most C in each batch it is drawn
+        in, each batch a z-Gaussian step once the total's noise is added (server or shares).
+        """
+        if not self.aggregated:
+            raise ValueError("clipped_sum is DP-FedSGD's device half: noise=central or distributed only")
+        coins = secret.stream(BATCHES, release)
+        batches = [idx for idx in (poisson_batch(len(examples), self.sample_rate, coins) for _ in range(self.steps))
+                   if idx]
+        contribution = {k: torch.zeros_like(v) for k, v in weights.items() if v.is_floating_point()}
+        if batches:
+            summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, examples, batches)
+            contribution |= {k: v.to(contribution[k].dtype) for k, v in summed.items()}
+        contribution = clip_update(contribution, self.sum_cap)[0]
+        if self.device_std > 0:
+            noise = gaussian_noise_like(contribution, self.device_std, secret.stream(DP_SGD_NOISE, release),
+                                        self.secure_mode)
+            contribution = {k: v + noise[k] for k, v in contribution.items()}
+        account.history = self.account_for(1, account).history
+        return contribution
+
+    def _clip_and_sum(self, model: nn.Module, recognizer: Recognizer, examples: Sequence[Example],
+                      batches: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Sum over ``batches`` of the per-utterance gradients of ``model``'s trainable parameters,
+        each clipped to C by Opacus' ``DPOptimizer.clip_and_accumulate`` (never stepped)."""
+        gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        clipper = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
+                              max_grad_norm=self.max_grad_norm, expected_batch_size=1, loss_reduction="mean")
+        gs_model.train()
+        for idx in batches:
+            per_sample_backward(gs_model, recognizer, recognizer.collate([examples[i] for i in idx]))
+            clipper.clip_and_accumulate()  # adds this batch's clipped sum to every p.summed_grad
+            for p in params:
+                p.grad_sample = None
+        summed = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
+        clipper.zero_grad(set_to_none=True)
+        gs_model.to_standard_module()
+        return summed
 
 
 def per_sample_backward(gs_model: GradSampleModule, recognizer: Recognizer, batch: Batch) -> torch.Tensor:
