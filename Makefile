@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/unheard-simulate
+	$(VENV)/bin/unheard-simulate experiment=demo
 
 smoke: $(STAMP)
 	$(VENV)/bin/unheard-simulate experiment=smoke

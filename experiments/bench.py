@@ -26,14 +26,17 @@
   scores only round 0 and the last), over ``aggregate_bare_seconds``: the same expected number of
   example gradients (q x the pooled training recordings, about 64) through
   ``SampleLevel.clipped_sum`` as ONE device in this process (same clipping, same per-sample
-  gradients: the unavoidable compute); ``aggregate_round_ratio`` is the first over the second.
-  Needs ``../shared/data/speechocean762`` (or ``UNHEARD_DATA``); without it the figure reports
-  ``aggregate_round_skipped``. Features go to the default cache (``.cache``, or ``UNHEARD_CACHE``).
+  gradients: the unavoidable compute); ``aggregate_round_ratio`` is the first over the second,
+  ``aggregate_device_seconds`` the seconds the cohort's devices spent on it, summed. Needs
+  ``../shared/data/speechocean762`` (or ``UNHEARD_DATA``); without it the figure reports
+  ``aggregate_round_skipped``. Features go to the default cache (``.cache``, or ``UNHEARD_CACHE``):
+  featurising happens before the first round, so it is never in a timed round.
 * ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
   synthesising the corpus, featurising it with the Whisper seed's encoder, the federated run.
 
 The simulations run the real entry point in a child process; their outputs go to a temporary
-folder. ``--only`` picks figures (the 10k and demo runs take minutes).
+folder. ``--only`` picks figures (the 10k, demo and aggregate runs take minutes; e.g.
+``.venv/bin/unheard-bench --only aggregate_round_seconds``).
 """
 
 from __future__ import annotations
@@ -334,7 +337,7 @@ def _speechocean762() -> Path:
 
 
 def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
-                    cache: Optional[Path] = None, repeats: int = 3) -> dict[str, object]:
+                    cache: Optional[Path] = None, repeats: int = 3) -> Mapping[str, object]:
     """DP-FedSGD (``experiment=private_gain``): the wall seconds of a round that is not scored, over
     the seconds of ``SampleLevel.clipped_sum`` on the same expected number of example gradients as
     one device in this process. ``extra`` overrides (a smaller dry run); ``cache``: the feature
@@ -347,6 +350,18 @@ def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
     seconds, peak = simulate(out, "experiment=private_gain", f"federation.rounds={rounds}",
                              "privacy.sample.target_epsilon=null", "privacy.sample.noise_multiplier=0.7",
                              "audit.membership=false", "audit.canaries=0", *extra, cache=cache)
+    return aggregate_figures(out, repeats) | {"aggregate_run_seconds": seconds, "aggregate_peak_gb": peak}
+
+
+def _device_seconds(out: Path, rounds: set[int]) -> float:
+    """The seconds the simulated devices of run ``out`` recorded for ``rounds`` (each keeps its own
+    timings in its state folder: never sent, but a simulation can read them), summed."""
+    return sum(entry["seconds"] for state in sorted((out / "fleet" / "state").iterdir())
+               for entry in DeviceState(state).rounds() if entry["round"] in rounds)
+
+
+def aggregate_figures(out: Path, repeats: int = 3) -> dict[str, float]:
+    """The figures of the finished DP-FedSGD run ``out``: its unscored rounds against the bare compute."""
     config = json.loads((out / "summary.json").read_text())["config"]
     final = int(config["federation"]["rounds"])
     rows = [r for r in read_private_rounds(out) if 0 < r["round"] < final]  # neither the seed's nor the scored last
@@ -356,15 +371,16 @@ def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
     bare = aggregate_bare(out, repeats)
     return {"aggregate_round_seconds": sim, **bare,
             "aggregate_round_ratio": sim / bare["aggregate_bare_seconds"],
+            "aggregate_device_seconds": _device_seconds(out, {r["round"] for r in rows}) / len(rows),
             "aggregate_round_devices": sum(r["clients"] for r in rows) / len(rows),
-            "aggregate_cohort": int(config["federation"]["clients_per_round"]), "aggregate_rounds_timed": len(rows),
-            "aggregate_run_seconds": seconds, "aggregate_peak_gb": peak}
+            "aggregate_cohort": int(config["federation"]["clients_per_round"]), "aggregate_rounds_timed": len(rows)}
 
 
 def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
     """Seconds of ``SampleLevel.clipped_sum`` (the run ``out``'s mechanism and recognizer, its last
-    model) on the example gradients one of its rounds draws in expectation -- q x the pooled training
-    recordings of its fleet, drawn once -- as ONE device's one batch, in this process."""
+    model's shared weights, as a train message carries them: the model is built inside, once) on the
+    example gradients one of its rounds draws in expectation -- q x the pooled training recordings
+    of its fleet, drawn once -- as ONE device's one batch, in this process."""
     config = json.loads((out / "summary.json").read_text())["config"]
     final = int(config["federation"]["rounds"])
     recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"])
@@ -378,9 +394,8 @@ def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
     one_batch = replace(level, sample_rate=1.0)  # every one of them drawn, in each of its steps' batches
     secret = Secret.from_seed(0, "bench")
     torch.manual_seed(0)
-    model = recognizer.module_from(torch.load(out / "checkpoints" / f"round-{final:03d}.pt",
-                                              weights_only=False)["state_dict"])
-    seconds = _time(lambda: one_batch.clipped_sum(model, recognizer, examples, SampleAccount(), secret, 0),
+    weights = torch.load(out / "checkpoints" / f"round-{final:03d}.pt", weights_only=False)["state_dict"]
+    seconds = _time(lambda: one_batch.clipped_sum(weights, recognizer, examples, SampleAccount(), secret, 0),
                     1, repeats)
     return {"aggregate_bare_seconds": seconds, "aggregate_bare_examples": size,
             "aggregate_pooled_recordings": len(pool), "aggregate_sample_rate": level.sample_rate,

@@ -119,7 +119,7 @@ def test_a_restarted_device_continues_its_accounting(deployment):
     first = json.loads((deployment["first"] / "summary.json").read_text())["privacy"]["sample"]["epsilon"]
     second = json.loads((deployment["second"] / "summary.json").read_text())["privacy"]["sample"]["epsilon"]
     assert second < first  # the server reports this run's spend (1 round, then 2 before) ...
-    own = DeviceState(fleet.root / "state" / "device0").account("rdp").epsilon(1e-5)
+    own = DeviceState(fleet.root / "state" / "device0").account("pld").epsilon(1e-5)  # the run's accountant
     assert own > first  # ... the device's own ledger composes both runs
 
 
