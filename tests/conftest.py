@@ -138,9 +138,11 @@ def smoke_run(tmp_path_factory, sim_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def private_run(tmp_path_factory, sim_cache) -> Path:
-    """privacy=both (central user-level noise), every training reply lost, a budget that stops the run."""
+    """privacy=both (central user-level noise), every training reply lost, a budget that stops the run;
+    plain FedAvg at the server (lr 1), so each published round moves by the noised mean itself."""
     return simulate(
         tmp_path_factory.mktemp("both"), sim_cache, "privacy=both", "federation.rounds=3",
+        "federation.server_optimizer=fedavg",
         "federation.drop_after_training=1.0", "privacy.sample.noise_multiplier=3.0",
         "privacy.user.noise_multiplier=2.0", "privacy.max_epsilon=2.5",
     ) / "run"
