@@ -30,6 +30,7 @@ def per_example_clipped_sum(recognizer, model, examples, level: SampleLevel, sec
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     coins = secret.stream(BATCHES, release)
     for _ in range(level.steps):
+        batch = {n: torch.zeros_like(t) for n, t in total.items()}
         for i in poisson_batch(len(examples), level.sample_rate, coins):
             model.zero_grad(set_to_none=True)
             recognizer.losses(model, recognizer.collate([examples[i]])).sum().backward()
@@ -37,7 +38,11 @@ def per_example_clipped_sum(recognizer, model, examples, level: SampleLevel, sec
             norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
             factor = min(1.0, level.max_grad_norm / (norm + 1e-6))
             for n in names:
-                total[n] += factor * grads[n]
+                batch[n] += factor * grads[n]
+        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in batch.values()))  # each batch projected
+        factor = min(1.0, level.sum_cap / level.steps / norm) if norm > 0 else 1.0
+        for n in names:
+            total[n] += factor * batch[n]
     return total
 
 
@@ -59,6 +64,20 @@ def test_the_device_sends_the_sum_of_its_clipped_per_utterance_gradients(conform
     norm = math.sqrt(sum(float(v.pow(2).sum()) for v in got.values()))
     assert 0 < norm <= level.sum_cap
     assert account.history == [(level.noise_multiplier, level.sample_rate, level.steps)]
+
+
+def test_each_batch_is_projected_before_the_batches_are_added(conformer):
+    """With a cap that binds, the reply is the sum of the batches' projections (what makes a round
+    ``steps`` composed steps), not the projection of their sum."""
+    level = SampleLevel(1.0, 1.0, 0.6, 3, noise="central", expected_batch=8.0, sum_cap=0.3)
+    examples = fake_examples(6)
+    got = level.clipped_sum(tiny_global().to_torch_state_dict(), conformer, examples, SampleAccount(), KEY, 2)
+    want = per_example_clipped_sum(conformer, conformer.module_from(tiny_global().to_torch_state_dict()),
+                                   examples, level, KEY, 2)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6)
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in got.values()))
+    assert 0.1 < norm <= 0.3 + 1e-6  # more than one batch's share, within the cap
 
 
 def test_a_device_sum_is_projected_onto_the_cap_on_both_sides(conformer):

@@ -19,8 +19,10 @@ data as a whole: that is user-level DP (``fl/privacy/user.py``).
 Where the noise goes (``noise``): ``device`` is the above. ``central`` and ``distributed`` are
 DP-FedSGD: each round is ``steps`` DP-SGD steps of the whole federation at the global weights. Every
 device draws its Poisson batches at q from its secret, clips each utterance's gradient to C (Opacus'
-``clip_and_accumulate``), sums, projects the sum onto the ball of radius ``sum_cap`` (1-Lipschitz,
-so one utterance still moves it by at most C a batch) and sends it (``clipped_sum``); the noise
+``clip_and_accumulate``), sums each batch and projects it onto the ball of radius ``sum_cap / steps``
+(1-Lipschitz, so one utterance still moves it by at most C), adds the batches and sends the total
+(``clipped_sum``); its norm is within ``sum_cap``, so the server's own projection of a clear sum
+(``check_contribution``) leaves an honest one unchanged; the noise
 N(0, steps (z C)^2) goes once on the cohort's total -- added by the server from its secret
 (``central``: the server is trusted, it sees clipped sums), or as shares N(0, steps (zC)^2 / t)
 each device draws from its own secret inside SecAgg+, which decodes only sums of >= t devices
@@ -360,8 +362,9 @@ class SampleLevel:
                     account: SampleAccount, secret: Secret, release: int) -> dict[str, Tensor]:
         """DP-FedSGD, the device's half: ``steps`` Poisson batches at the global ``weights`` (the
         shared entries of the train message), every utterance's gradient clipped to C (Opacus' own
-        ``clip_and_accumulate``), summed, the sum projected onto the ball of radius ``sum_cap``,
-        plus -- ``distributed`` -- this device's share N(0, device_std^2) (stream ``dp-sgd-noise``).
+        ``clip_and_accumulate``), each batch's sum projected onto the ball of radius
+        ``sum_cap / steps``, the batches' sums added, plus -- ``distributed`` -- this device's share
+        N(0, device_std^2) (stream ``dp-sgd-noise``).
         Nothing is stepped; a device whose batches are all empty builds no model at all. ``account``
         records the ``steps`` composed steps. Keys: every floating-point entry of ``weights`` (zeros
         where nothing trains), so the reply has the global model's layout.
@@ -378,7 +381,6 @@ class SampleLevel:
         if batches:
             summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, examples, batches)
             contribution |= {k: v.to(contribution[k].dtype) for k, v in summed.items()}
-        contribution = clip_update(contribution, self.sum_cap)[0]
         if self.device_std > 0:
             noise = gaussian_noise_like(contribution, self.device_std, secret.stream(DP_SGD_NOISE, release),
                                         self.secure_mode)
@@ -389,22 +391,26 @@ class SampleLevel:
     def _clip_and_sum(self, model: nn.Module, recognizer: Recognizer, examples: Sequence[Example],
                       batches: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """Sum over ``batches`` of the per-utterance gradients of ``model``'s trainable parameters,
-        each clipped to C by Opacus' ``DPOptimizer.clip_and_accumulate`` (never stepped)."""
+        each clipped to C by Opacus' ``DPOptimizer.clip_and_accumulate`` (never stepped), every
+        batch's sum projected onto the ball of radius ``sum_cap / steps`` before it is added."""
         gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         clipper = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
                               max_grad_norm=self.max_grad_norm, expected_batch_size=1, loss_reduction="mean")
         gs_model.train()
+        total: dict[str, Tensor] = {}
         for idx in batches:
             per_sample_backward(gs_model, recognizer, recognizer.collate([examples[i] for i in idx]))
-            clipper.clip_and_accumulate()  # adds this batch's clipped sum to every p.summed_grad
-            for p in params:
-                p.grad_sample = None
-        summed = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
-        clipper.zero_grad(set_to_none=True)
+            clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
+            batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
+            clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
+            # each batch's sum projected onto its share of the cap: a 1-Lipschitz map, so every batch
+            # is one step of sensitivity C, and the steps' total is within sum_cap
+            for n, v in clip_update(batch, self.sum_cap / self.steps)[0].items():
+                total[n] = total[n] + v if n in total else v
         gs_model.to_standard_module()
-        return summed
+        return total
 
 
 def per_sample_backward(gs_model: GradSampleModule, recognizer: Recognizer, batch: Batch) -> torch.Tensor:
