@@ -22,9 +22,11 @@ from fl.data.fleet import DeviceData
 from fl.data.prepare import PreparedData, prepare_data
 from fl.model import build_recognizer
 from fl.pretrain import SeedModel, pretrain_seed
+from server.checkpoint import private_path
 
 log = logging.getLogger(__name__)
 AUDIT = "audit.json"
+AUDIT_LOSSES = "audit-losses.json"  # under the run's private/ folder
 
 
 @dataclass
@@ -57,17 +59,22 @@ def build_inputs(cfg: Config, out_dir: Path) -> Inputs:
 
 def run_audit(cfg: Config, inputs: Inputs, weights: dict[str, torch.Tensor], trained: set[str],
               out_dir: Path) -> Optional[dict]:
-    """Membership inference and canary exposure on the final ``weights``; written to ``audit.json``."""
+    """Membership inference and canary exposure on the final ``weights``; the figures are written to
+    ``audit.json``, the losses behind them to ``private/audit-losses.json`` (the experimenter's own)."""
     if not cfg.audit.membership and not cfg.audit.canaries:
         return None
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
     model = recognizer.module_from(weights)
     report: dict = {"devices_trained": len(trained), "devices": len(inputs.devices)}
+    losses: dict = {}
     if cfg.audit.membership:
         copies = {e.id for d in inputs.devices.values() for e in d.train if e.id.startswith(CANARY_PREFIX)}
-        report["membership"] = membership_audit(recognizer, model, inputs.devices, trained, inputs.data.held_out,
-                                                cfg.audit.max_utterances, cfg.seed, exclude=copies)
+        report["membership"], losses["membership"] = membership_audit(
+            recognizer, model, inputs.devices, trained, inputs.data.held_out, cfg.audit.max_utterances, cfg.seed,
+            exclude=copies)
     if inputs.canaries is not None:
-        report["canaries"] = canary_audit(recognizer, model, inputs.canaries, inputs.canary_holders, trained)
+        report["canaries"], losses["canaries"] = canary_audit(recognizer, model, inputs.canaries,
+                                                              inputs.canary_holders, trained)
     (out_dir / AUDIT).write_text(json.dumps(report, indent=1))
+    (private_path(out_dir) / AUDIT_LOSSES).write_text(json.dumps(losses))
     return report

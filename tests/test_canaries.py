@@ -41,3 +41,18 @@ def test_plant_puts_each_canary_on_its_own_device(conformer):
     assert all(fleet[d] is devices[d] for d in untouched)
     with pytest.raises(ValueError):
         plant(dict(list(devices.items())[:1]), canaries.planted, 1, 0)
+
+
+def test_the_runs_canary_ranks_are_recomputed_from_its_own_losses(smoke_run):
+    """The smoke run's published canary ranks and exposures, recomputed from the losses it kept privately."""
+    import json
+
+    run = smoke_run / "run"
+    canaries = json.loads((run / "audit.json").read_text())["canaries"]
+    losses = json.loads((run / "private" / "audit-losses.json").read_text())["canaries"]
+    references = losses["references"]
+    assert canaries["references"] == len(references) == 7
+    assert [c["canary"] for c in canaries["canaries"]] == list(losses["planted"])
+    for c in canaries["canaries"]:
+        rank = 1 + sum(r < losses["planted"][c["canary"]] for r in references)  # 1 = below every reference
+        assert c["rank"] == rank and c["exposure"] == pytest.approx(math.log2(8) - math.log2(rank))

@@ -58,3 +58,26 @@ def test_attack_detects_a_model_that_memorised_its_training_set(conformer):
     trained = loss_attack([after[e.id] for e in members], [after[e.id] for e in nonmembers])
     assert trained.auc > 0.95 and trained.tpr_at_1pct_fpr > 0.5
     assert trained.auc > untrained.auc
+
+
+def brute_force_tpr(m, n, fpr):
+    """The best true-positive rate of any threshold that flags at most floor(fpr * |n|) non-members."""
+    allowed = int(fpr * len(n) + 1e-9)
+    thresholds = [t for t in [float("-inf"), *n] if sum(x > t for x in n) <= allowed]
+    return max(sum(x > t for x in m) / len(m) for t in thresholds)
+
+
+def test_the_runs_membership_figures_are_the_attack_on_its_own_losses(smoke_run):
+    """The smoke run's published AUC and TPR, recomputed from the losses it kept privately (score = -loss)."""
+    import json
+
+    run = smoke_run / "run"
+    mia = json.loads((run / "audit.json").read_text())["membership"]
+    losses = json.loads((run / "private" / "audit-losses.json").read_text())["membership"]
+    members = [-x for x in losses["members"]]
+    assert mia["members"] == len(members) > 0
+    for population in ("same_speakers", "other_speakers"):
+        others = [-x for x in losses[population]]
+        assert mia[population]["members"] == len(members) and mia[population]["nonmembers"] == len(others) > 0
+        assert mia[population]["auc"] == pytest.approx(brute_force_auc(members, others), abs=1e-12)
+        assert mia[population]["tpr_at_1pct_fpr"] == pytest.approx(brute_force_tpr(members, others, 0.01))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
 import subprocess
 import sys
 import time
@@ -66,12 +68,22 @@ def test_a_device_ledger_is_updated_by_one_run_at_a_time(tmp_path):
             f"state = DeviceState(Path({str(tmp_path)!r}))\n"
             "print('asking', flush=True)\n"
             "with state.locked(): print('b in', flush=True)")],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        assert second.stdout.readline().strip() == "asking"
-        time.sleep(1.0)
-        assert second.poll() is None  # still blocked on the lock this process holds
+            cwd=ROOT, stdout=subprocess.PIPE, bufsize=0)
+        seen = b""  # raw reads: nothing the child wrote can hide in a buffer of ours
+        while b"asking\n" not in seen:
+            chunk = os.read(second.stdout.fileno(), 1024)
+            assert chunk, "the other process ended before asking for the lock"
+            seen += chunk
+        deadline = time.monotonic() + 1.0  # a second holder would print "b in" at once
+        while (left := deadline - time.monotonic()) > 0 and select.select([second.stdout], [], [], left)[0]:
+            chunk = os.read(second.stdout.fileno(), 1024)
+            seen += chunk
+            if not chunk:
+                break
+        assert b"b in" not in seen, "the other process got the lock while this one held it"
     out, _ = second.communicate(timeout=60)
-    assert out.strip() == "b in" and second.returncode == 0  # ... and it got it once released
+    out = (seen + out).decode()
+    assert out.split() == ["asking", "b", "in"] and second.returncode == 0  # ... and it got it once released
 
 
 def test_a_device_owner_sees_their_own_epsilon(tmp_path):
