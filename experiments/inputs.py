@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -76,5 +77,7 @@ def run_audit(cfg: Config, inputs: Inputs, weights: dict[str, torch.Tensor], tra
         report["canaries"], losses["canaries"] = canary_audit(recognizer, model, inputs.canaries,
                                                               inputs.canary_holders, trained)
     (out_dir / AUDIT).write_text(json.dumps(report, indent=1))
-    (private_path(out_dir) / AUDIT_LOSSES).write_text(json.dumps(losses))
+    fd = os.open(private_path(out_dir) / AUDIT_LOSSES, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:  # owner-only, like the rest of private/
+        f.write(json.dumps(losses))
     return report
