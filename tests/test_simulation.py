@@ -73,7 +73,8 @@ def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["round-000.pt", "round-001.pt", "round-002.pt"]
     private = run / "private"
-    owner_only = ("server-secret", "server-state.pt", "rounds-private.jsonl", "summary-private.json",\n                  "audit-losses.json")
+    owner_only = ("server-secret", "server-state.pt", "rounds-private.jsonl", "summary-private.json",
+                  "audit-losses.json")
     assert {p.name for p in private.iterdir()} == {*owner_only, "server.lock"}
     assert private.stat().st_mode & 0o777 == 0o700
     assert all((private / name).stat().st_mode & 0o777 == 0o600 for name in owner_only)
