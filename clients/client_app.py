@@ -228,7 +228,8 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
                     recognizer: Optional[Recognizer] = None) -> ClientApp:
     """Build the ClientApp for devices whose recordings and state ``store`` locates.
 
-    ``audit_dir``: if set, the outbound guard logs the shape of every reply there. ``recognizer``:
+    ``audit_dir``: if set, the outbound guard logs the shape of every reply it let through there (a
+    deployed device's ``--audit-dir``; ``clients/guard.py``). ``recognizer``:
     the one the store featurises with (built from ``settings`` if not given).
     """
     recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable)

@@ -11,8 +11,11 @@ scalar metrics from the allow-list of the run's privacy mode (:func:`allowed_met
   character counts (federated evaluation runs only then).
 
 Anything else -- audio, features, transcripts, per-utterance values, timings, counts under DP, a
-list-valued metric -- is refused, and the device sends an error instead. With ``audit_dir`` set,
-the shape of every outgoing reply (never its values) is logged there as JSON lines.
+list-valued metric -- is refused, and the device sends an error instead. With ``audit_dir`` set
+(a deployed device's ``--audit-dir``), the shape of every reply this guard let through (never its
+values) is logged there as JSON lines: the device owner's own record. Being written after
+``check_reply`` passed, it can only agree with the allow-list, so it is no evidence that the guard
+works; that is the server's inventory of what it received (``server/inbound.py``).
 
 Nothing free-form leaves a device: every error reply of the wrapped app, and every exception it
 raises (an :class:`OutboundViolation` of this guard's own included), is replaced by a Flower error

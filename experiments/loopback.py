@@ -1,7 +1,7 @@
 """A whole deployment on this machine: SuperLink, devices and launches as child processes.
 
 Used by the deployment test (``tests/test_deploy.py``) and the device cost measurement
-(``experiments/device_cost.py``). Every process is started in its own session on free ports,
+(``experiments/device_cost.py``). Every process is started in its own session on ports held free for it,
 logged to ``root/<name>.log`` and stopped by process group.
 """
 
@@ -13,16 +13,33 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def hold_port(host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound (``SO_REUSEADDR``, never listening) to a TCP port the OS picks on ``host``.
+
+    While it stays open, no other bind to port 0 and no outgoing connection's ephemeral port gets
+    that port, and a plain bind of it fails, so nothing else on the machine can take it between the
+    pick and the bind of the server meant to serve it; a server that binds with ``SO_REUSEADDR`` and
+    listens -- uvicorn/asyncio and gRPC, as Flower's SuperLink and SuperNode and the Fleet proxy
+    do -- binds it all the same. (A pick closed before that bind leaves the window open.)"""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+@contextmanager
+def held_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port from :func:`hold_port`, held until the block ends: start its server inside the block."""
+    with hold_port(host) as sock:
+        yield int(sock.getsockname()[1])
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -46,9 +63,15 @@ class Loopback:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
-        self.port = free_port()
+        self._held: list[socket.socket] = []  # every port this deployment serves, held until stop_all
+        self.port = self.free_port()
         self.address = f"127.0.0.1:{self.port}"  # what devices dial: the Fleet-only proxy
-        self.control = f"127.0.0.1:{free_port()}"  # the SuperLink itself: operator commands and launches
+        self.control = f"127.0.0.1:{self.free_port()}"  # the SuperLink itself: operator commands and launches
+
+    def free_port(self) -> int:
+        """A port held for this deployment (:func:`hold_port`) until :meth:`stop_all`."""
+        self._held.append(hold_port())
+        return int(self._held[-1].getsockname()[1])
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "w") as log:
@@ -63,6 +86,9 @@ class Loopback:
     def stop_all(self) -> None:
         for name in list(self.procs)[::-1]:
             self.stop(name)
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -76,7 +102,7 @@ class Loopback:
     def device(self, name: str, key: Path, ca: Path, *extra: str) -> subprocess.Popen:
         return self.start(name, [str(BIN / "unheard-device"), "--superlink", self.address,
                                  "--data", str(self.root / "data" / name), "--state", str(self.root / "state" / name),
-                                 "--root-cert", str(ca), "--auth-key", str(key), "--port", str(free_port()),
+                                 "--root-cert", str(ca), "--auth-key", str(key), "--port", str(self.free_port()),
                                  "--max-wait-time", "30", *extra])
 
     def wait_for(self, name: str, text: str, timeout: float = 90) -> None:

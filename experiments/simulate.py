@@ -28,7 +28,7 @@ from clients.simulated import SimulatedDevices, state_dir
 from clients.state import DeviceState
 from experiments import flower_speedups
 from experiments.inputs import Inputs, build_inputs, run_audit
-from fl.config import Config, register_configs, validate
+from fl.config import Config, FederationConfig, register_configs, validate
 from fl.data.fleet import load_device, write_fleet
 from fl.data.prepare import DataNotFound, check_paths
 from fl.model import build_recognizer
@@ -67,19 +67,14 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
                             fed.threads_per_client, faults, cfg.privacy.reproducible,
                             policy=cfg.privacy.device)  # the simulated devices' own policy (conf/config.yaml)
     server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
-    audit = str(out_dir / "outbound") if fed.audit_outbound else None
     if fed.ray_address:
         log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)
     flower_speedups.apply()
     run_simulation(
         server_app=make_server_app(server),
-        client_app=make_client_app(device, SimulatedDevices(str(fleet)), audit),
+        client_app=make_client_app(device, SimulatedDevices(str(fleet))),
         num_supernodes=len(ids),
-        backend_config={
-            "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0},
-            # "local": a fresh Ray instance even where `ray start` left a cluster behind (Ray would join it)
-            "init_args": {"include_dashboard": False, "address": fed.ray_address or "local"},
-        },
+        backend_config=backend_config(fed),
     )
     summary_path = out_dir / SUMMARY
     if not summary_path.exists():
@@ -94,6 +89,18 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
             cfg, str(fleet), len(ids), summary["rounds"], seed_weights, final["state_dict"])})
     summary["audit"] = run_audit(cfg, inputs, final["state_dict"], trained, out_dir) if inputs else None
     return summary
+
+
+def backend_config(fed: FederationConfig) -> dict:
+    """Flower's Ray backend settings: each device's resources, and the Ray instance that runs them.
+
+    ``fed.ray_address`` attaches to that cluster (its own resources size the actor pool); otherwise a
+    local instance starts, with ``fed.num_cpus`` CPUs when set (else all of this machine's)."""
+    # "local": a fresh Ray instance even where `ray start` left a cluster behind (Ray would join it)
+    init_args: dict = {"include_dashboard": False, "address": fed.ray_address or "local"}
+    if fed.ray_address is None and fed.num_cpus is not None:
+        init_args["num_cpus"] = fed.num_cpus
+    return {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
 def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: dict, final: dict) -> dict:

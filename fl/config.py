@@ -265,13 +265,16 @@ class FederationConfig:
     Fault injection (probabilities per device and round, reproducible for a given seed):
     ``crash_before_training`` (nothing spent), ``drop_after_training`` (the device trains, then
     loses its reply: its privacy spend still counts), ``slow_devices`` (sleep ``slow_seconds``
-    first; past ``round_timeout`` the reply is a failure). ``audit_outbound``: log the shape of
-    every message a device sends to ``<run dir>/outbound/``. ``device_eval_every``: federated
+    first; past ``round_timeout`` the reply is a failure). ``audit_outbound``: the server records the
+    shape of every reply it receives, at receipt and before any check, in ``<run dir>/inbound/``
+    (``server/inbound.py``; the experimenter's, owner-only). ``device_eval_every``: federated
     evaluation every that many rounds (0: only after the last), on ``eval_devices`` devices drawn
     each time (0: all; what a large population needs); a private simulation's experimenter-view
     evaluation of the final model reads the test splits of the same devices. ``ray_address``: attach the
     simulation to a running Ray cluster (``HOST:PORT`` of its head, see docs/scale.md) instead of
-    starting a local one.
+    starting a local one. ``num_cpus``: the CPUs of the local Ray instance a simulation starts, so
+    ``num_cpus / num_cpus_per_client`` actors (null: all of this machine's cores); ignored with
+    ``ray_address``, where the cluster's own resources count.
     ``server_optimizer`` (Reddi et al. 2021): how the server turns the round's mean update (noised
     under DP) into a step -- ``fedavg`` (x += server_lr * mean; lr 1 is plain FedAvg), ``fedavgm``
     (heavy-ball momentum ``server_beta1``), ``fedadam`` or ``fedyogi`` (moments ``server_beta1``,
@@ -298,6 +301,7 @@ class FederationConfig:
     device_eval_every: int = 1
     eval_devices: int = 0
     ray_address: Optional[str] = None
+    num_cpus: Optional[int] = None
     server_optimizer: Optional[str] = None
     server_lr: Optional[float] = None
     server_beta1: float = 0.9

@@ -37,6 +37,7 @@ from fl.train import evaluation_devices
 from server import checkpoint, rounds
 from server.aggregate import Mechanisms, RoundOutcome, plain_round, secure_round
 from server.devices import identify
+from server.inbound import InboundInventory
 from server.ledger import ParticipationLedger
 from server.optimizer import ServerOptimizer
 from server.results import ResultsWriter, RoundRow, write_private_summary
@@ -140,8 +141,11 @@ def _mechanisms(s: ServerSettings, population: int, nonce: str = "") -> Mechanis
 def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     """Run up to ``s.rounds`` rounds of federated training; returns the rows written to results.jsonl.
 
-    One ServerApp per run folder: a second one on the same folder fails at once."""
+    One ServerApp per run folder: a second one on the same folder fails at once. With
+    ``federation.audit_outbound`` every reply is described at receipt in ``inbound/`` (``server/inbound.py``)."""
     with checkpoint.exclusive(Path(s.out_dir)):
+        if s.federation.audit_outbound:
+            grid = InboundInventory(grid, Path(s.out_dir))
         return _run_server(grid, s)
 
 

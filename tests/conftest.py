@@ -1,5 +1,6 @@
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,12 @@ def sim_cache(tmp_path_factory):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
 
 
 def run_entry(module: str, out: Path, cache: Path, *overrides: str) -> Path:

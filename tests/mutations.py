@@ -38,6 +38,10 @@ class Mutation:
     new: str
     tests: tuple[str, ...]  # pytest arguments: files, node ids, or "-k" expressions after a file
     what: str
+    also: tuple[tuple[str, str, str], ...] = ()  # further (path, old, new) edits made with the first
+
+    def edits(self) -> tuple[tuple[str, str, str], ...]:
+        return ((self.path, self.old, self.new), *self.also)
 
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -85,6 +89,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "    rank = 1 + sum(1 for x in reference_losses if x < canary_loss)\n",
              "    rank = 1 + sum(1 for x in reference_losses if x > canary_loss)\n",
              ("tests/test_canaries.py",), "a canary is ranked by the references above it"),
+    Mutation("guard-lets-anything-out", "clients/guard.py",
+             "    extra = set(content_keys) - {P.ARRAYS, P.METRICS}\n",
+             "    return  # mutated: the outbound guard checks nothing\n"
+             "    extra = set(content_keys) - {P.ARRAYS, P.METRICS}\n",
+             ("tests/test_simulation.py", "-k", "send_only"),
+             "the outbound guard lets any key through, and each training reply carries one more metric; "
+             "the server's inbound inventory, not the device's log, must show it",
+             also=(("clients/client_app.py", "    arrays, record = ArrayRecord(update), MetricRecord(metrics)\n",
+                    "    arrays, record = ArrayRecord(update), MetricRecord({**metrics, \"loss-per-utterance\": 1.0})\n"),)),
 )
 
 
@@ -100,12 +113,13 @@ def scratch_copy(dest: Path) -> None:
 
 
 def apply(mutation: Mutation, tree: Path) -> None:
-    """Replace the mutation's snippet in ``tree`` (a ValueError unless it occurs exactly once)."""
-    path = tree / mutation.path
-    text = path.read_text(encoding="utf-8")
-    if text.count(mutation.old) != 1:
-        raise ValueError(f"{mutation.name}: the snippet occurs {text.count(mutation.old)} times in {mutation.path}")
-    path.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
+    """Replace each of the mutation's snippets in ``tree`` (a ValueError unless each occurs exactly once)."""
+    for name, old, new in mutation.edits():
+        path = tree / name
+        text = path.read_text(encoding="utf-8")
+        if text.count(old) != 1:
+            raise ValueError(f"{mutation.name}: a snippet occurs {text.count(old)} times in {name}")
+        path.write_text(text.replace(old, new), encoding="utf-8")
 
 
 def run(mutation: Mutation, timeout: float) -> tuple[str, float, str]:

@@ -3,9 +3,11 @@
 Every process is started by PID on free ports and stopped at the end. What is checked: the run
 finishes with results and epsilon, devices keep their ledger in their state folder, a restarted
 device continues its accounting, replies over the real transport carry only model-shaped arrays
-and allowed scalars, and neither an unregistered key nor a wrong CA gets in.
+and allowed scalars (as the ServerApp received them), neither an unregistered key nor a wrong CA
+gets in, and a stopped run resumes exactly once, never beside a ServerApp still on its folder.
 """
 
+import fcntl
 import json
 import signal
 import ssl
@@ -21,6 +23,7 @@ from experiments.loopback import BIN, ROOT, Loopback, flower_free_env
 from fl.data.embedded import build_embedded_corpus
 from fl.deploy.certs import make_ca_and_server, make_device_key
 from fl.deploy.flower import write_connection
+from server.inbound import read_inventory
 from server.results import read_private_rounds
 
 pytestmark = pytest.mark.timeout(900)
@@ -40,9 +43,11 @@ def write_device_data(root: Path, cache: Path) -> None:
 
 
 def smoke(cache: Path, rounds: int) -> list[str]:
-    """The smoke preset on the 3 devices, every device every round."""
+    """The smoke preset on the 3 devices, every device every round; the ServerApp takes the inventory
+    of every reply it receives (``server/inbound.py``)."""
     return ["experiment=smoke", f"data.cache_dir={cache}", "deploy.timeout=600", f"federation.rounds={rounds}",
-            "federation.clients_per_round=3", "federation.sampling=fixed", "federation.round_timeout=300"]
+            "federation.clients_per_round=3", "federation.sampling=fixed", "federation.round_timeout=300",
+            "federation.audit_outbound=true"]
 
 
 def launch(fleet: Loopback, ca: Path, cache: Path, name: str, rounds: int, *extra: str) -> Path:
@@ -55,7 +60,7 @@ def launch(fleet: Loopback, ca: Path, cache: Path, name: str, rounds: int, *extr
 
 def device(fleet: Loopback, name: str, key: Path, ca: Path):
     # the operator opts into a larger sample-level budget than the default 10: device0 trains in all 5
-    # rounds of the three runs (10 steps at z 0.8, epsilon 10.02)
+    # rounds of the three runs (10 steps at z 0.8, epsilon 10.02); --audit-dir: the owner's own log
     return fleet.device(name, key, ca, "--audit-dir", str(fleet.root / "outbound" / name), "--max-epsilon", "30")
 
 
@@ -124,20 +129,33 @@ def test_a_restarted_device_continues_its_accounting(deployment):
 
 
 def test_replies_over_the_real_transport_carry_only_model_arrays_and_allowed_scalars(deployment):
+    """What the ServerApp received over TLS, at receipt and before any check (its inventory), not the
+    devices' word for it; the devices' own logs (``--audit-dir``) list the same replies."""
+    from collections import Counter
+
     from clients.guard import allowed_metrics
     from fl.config import ModelConfig
     from fl.model.conformer import ConformerCTC
 
     cfg = json.loads((deployment["first"] / "summary.json").read_text())["config"]["model"]
     shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
-    outbound = deployment["fleet"].root / "outbound"
-    rows = [json.loads(line) for f in outbound.rglob("*.jsonl") for line in f.read_text().splitlines()]
-    assert sum(r["type"] == "train" for r in rows) == (2 + 1) * 3  # 2 rounds, then 1, on 3 devices
-    assert sum(r["type"] == "evaluate" for r in rows) == 0  # no federated evaluation under privacy
+    first, second = read_inventory(deployment["first"]), read_inventory(deployment["second"])
+    rows = first + second
+    assert [sum(r["type"] == "train" for r in run) for run in (first, second)] == [2 * 3, 1 * 3]  # 3 devices
+    assert [sum(r["type"] == "query" for r in run) for run in (first, second)] == [3, 3]
+    assert {r["type"] for r in rows} == {"query", "train"}  # no federated evaluation under privacy
     for r in rows:
-        assert set(r["records"]) <= {"arrays", "metrics"}
-        assert r["arrays"] == (shapes if r["type"] == "train" else None)
-        assert set(r["metrics"]) <= allowed_metrics(sample=True, user=False)
+        assert r["error"] is None and r["configs"] == {} and r["lengths"] == {}
+        assert r["records"] == (["arrays", "metrics"] if r["type"] == "train" else ["metrics"])
+        assert r["arrays"] == ({"arrays": shapes} if r["type"] == "train" else {})
+        assert set(r["metrics"]["metrics"]) <= allowed_metrics(sample=True, user=False)
+        assert set(r["metrics"]["metrics"].values()) <= {"int", "float"}
+    outbound = deployment["fleet"].root / "outbound"
+    logged = [json.loads(line) for f in outbound.rglob("*.jsonl") for line in f.read_text().splitlines()]
+    received = [{"type": r["type"], "records": r["records"], "arrays": r["arrays"].get("arrays"),
+                 "metrics": r["metrics"].get("metrics")} for r in rows]  # in the device log's form
+    assert Counter(json.dumps(r, sort_keys=True) for r in logged) == Counter(json.dumps(r, sort_keys=True)
+                                                                            for r in received)
 
 
 def test_an_unregistered_device_is_refused(deployment):
@@ -214,7 +232,9 @@ def test_a_stopped_launcher_stops_its_run_and_resume_accounts_every_release_once
     assert proc.wait(timeout=120) == 130
     said = (fleet.root / "launch3.log").read_text()
     assert "stopped run" in said and "resume=true" in said
-    # resuming while the stopped run still winds down is refused, never a second ServerApp on the folder
+    # the SuperLink may call the stopped run finished while its ServerApp still winds down, so the
+    # launcher's own check (a run still running there) can let a resume through: the ServerApp's lock
+    # on the folder must then refuse the second one. Hold that lock as a winding-down ServerApp does.
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     deadline = time.monotonic() + 120
     while "finished" not in subprocess.run([str(BIN / "flwr"), "ls", "unheard", "--run-id", run_id, "--format",
@@ -222,6 +242,21 @@ def test_a_stopped_launcher_stops_its_run_and_resume_accounts_every_release_once
                                            capture_output=True, text=True).stdout:
         assert time.monotonic() < deadline
         time.sleep(1)
+    published, spent = results.read_text(), {i: ledger_steps(fleet, f"device{i}") for i in range(3)}
+    with open(out / "private" / "server.lock", "a") as lock:
+        while True:  # taken once the stopped ServerApp has let go of it; held from here on
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the stopped ServerApp never released the run folder"
+                time.sleep(0.5)
+        refused = fleet.launch(ca, out, *smoke(cache, 2), "seed=1", "resume=true")
+        refusal = refused.stdout + refused.stderr
+        assert refused.returncode == 1, refusal[-3000:]
+        assert "another ServerApp is running on" in refusal, refusal[-3000:]
+        assert results.read_text() == published  # nothing of the refused attempt reached the folder ...
+        assert {i: ledger_steps(fleet, f"device{i}") for i in range(3)} == spent  # ... or the devices
     resumed = fleet.launch(ca, out, *smoke(cache, 2), "seed=1", "resume=true")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     rows = [json.loads(x)["round"] for x in results.read_text().splitlines()]

@@ -1,10 +1,14 @@
 """docs/deploy.md's set-up commands, run as written: parsed from the document's code blocks.
 
-The only substitutions are the ones a reader makes on one machine: the device's host name is
+The substitutions are the ones a reader makes on one machine: the device's host name is
 127.0.0.1, its home folder is a temporary one, ``NODE_ID`` is the node id ``allow`` reported, and
 the second device key of "Adding and revoking" is made with the document's own ``unheard-certs``
-line. Ports are the document's (9093 for devices, the default 9095 for the operator): the test
-skips when either is taken on this machine. The launch itself is exercised by ``test_deploy.py``.
+line. The ports are substituted too, by ones the OS picked, so that nothing else on the machine can
+fail the test: the document's 9093 (where devices connect) is replaced, and the two it leaves to their
+defaults -- 9095, the SuperLink's own (``--control-port``), and 9094, the SuperNode's ClientApp API
+(``--port``) -- are given explicitly. Each is held bound until the test ends (``held_port``), so no
+other process can take it before its server binds it. The launch itself is exercised by
+``test_deploy.py``.
 """
 
 from __future__ import annotations
@@ -14,18 +18,17 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from experiments.loopback import ROOT, stop_group
+from experiments.loopback import ROOT, held_port, stop_group
 from tests.test_deploy import write_device_data
 
 DOC = ROOT / "docs" / "deploy.md"
+FLEET_PORT = 9093
+"""The document's port for devices (``unheard-superlink start --port``, ``unheard-device --superlink``)."""
 
 
 def doc_commands(section: str) -> list[str]:
@@ -41,11 +44,6 @@ def doc_commands(section: str) -> list[str]:
     return commands
 
 
-def _busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _run(cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(shlex.split(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
@@ -53,8 +51,13 @@ def _run(cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def test_the_documented_set_up_works_verbatim(tmp_path, sim_cache):
-    if any(_busy(port) for port in (9093, 9094, 9095)):
-        pytest.skip("the document's ports 9093-9095 are taken on this machine")
+    with held_port("0.0.0.0") as fleet, held_port() as control, held_port() as supernode:
+        _set_up_and_manage(tmp_path, sim_cache, fleet, control, supernode)
+
+
+def _set_up_and_manage(tmp_path: Path, sim_cache: Path, fleet: int, control: int, supernode: int) -> None:
+    """The two sections' commands in order, with the Fleet port ``fleet``, the SuperLink's own ``control``
+    and the SuperNode's ClientApp API port ``supernode`` in place of the document's."""
     setup = doc_commands("Set-up, step by step (development certificates)")
     adding = doc_commands("Adding and revoking a device")
     assert setup[0] == "make install" and any(c.startswith(".venv/bin/unheard-superlink start") for c in setup)
@@ -68,12 +71,16 @@ def test_the_documented_set_up_works_verbatim(tmp_path, sim_cache):
         for cmd in setup[1:]:
             cmd = cmd.replace("~/", f"{home}/").replace("link.example.org", "127.0.0.1")
             if cmd.startswith(".venv/bin/unheard-superlink start"):
+                assert f"--port {FLEET_PORT}" in cmd and "--control-port" not in cmd  # the default: 9095
+                cmd = cmd.replace(f"--port {FLEET_PORT}", f"--port {fleet}") + f" --control-port {control}"
                 log = open(tmp_path / "superlink.log", "w")
                 server.append(subprocess.Popen(shlex.split(cmd), cwd=tmp_path, env=env, stdout=log,
                                                stderr=subprocess.STDOUT, start_new_session=True))
                 _wait(tmp_path / "superlink.log", "SuperLink ready", server[-1])
                 assert "0 of 0 device keys allowed" in (tmp_path / "superlink.log").read_text()
             elif cmd.startswith(".venv/bin/unheard-device"):
+                assert f"127.0.0.1:{FLEET_PORT} " in cmd and " --port " not in cmd  # the default: 9094
+                cmd = cmd.replace(f"127.0.0.1:{FLEET_PORT} ", f"127.0.0.1:{fleet} ") + f" --port {supernode}"
                 # "give keys/kitchen-speaker.pub to the server operator": who allows it, as "Adding" says
                 _run(adding[0].replace("new-device.pub", "keys/kitchen-speaker.pub"), tmp_path, env)
                 shutil.copy(tmp_path / "certs" / "ca.crt", tmp_path / "ca.crt")  # "copy certs/ca.crt to the device"

@@ -199,3 +199,59 @@ def test_the_client_app_refuses_evaluation_under_privacy_with_its_code(run_priva
     reply = app(_incoming(MessageType.EVALUATE), _context())
     assert reply.has_error() and reply.error.code == P.ERROR_EVALUATION_REFUSED
     assert reply.error.reason == P.DEVICE_ERRORS[P.ERROR_EVALUATION_REFUSED]
+
+
+# --- the two records of what was sent: the server's inventory at receipt, the device owner's log -----
+
+class _LoopbackGrid:
+    """A grid whose devices are ``apps`` (node id -> the device's ClientApp callable), answering in process."""
+
+    def __init__(self, apps):
+        self.apps = apps
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.apps[m.metadata.dst_node_id](m, _context()) for m in messages]
+
+
+def _ask(grid, nodes):
+    return grid.send_and_receive([_incoming_to(n) for n in nodes], timeout=1.0)
+
+
+def _incoming_to(node: int) -> Message:
+    msg = _incoming()
+    msg.metadata.dst_node_id = node
+    return msg
+
+
+def test_the_servers_inventory_records_what_arrived_even_what_a_guard_should_have_refused(tmp_path):
+    """The inventory is taken from what reaches the server, not from the guard: a device without one
+    (or with a broken one) shows up with its extra metric; a guarded one with its fixed error code."""
+    from server.inbound import InboundInventory, read_inventory
+
+    leaky = lambda msg, context: Message(RecordDict({P.ARRAYS: _arrays(), P.METRICS: MetricRecord(
+        {P.DECLINED: 1, "clip7-call-my-mother": 1.0, "losses": [0.1, 0.2]})}), reply_to=msg)
+    guard = outbound_guard(SHAPES, SAMPLE)
+    grid = InboundInventory(_LoopbackGrid({1: leaky, 2: lambda msg, context: guard(msg, context, leaky)}), tmp_path)
+    replies = _ask(grid, [1, 2])
+    assert [r.metadata.src_node_id for r in replies] == [1, 2]  # handed on untouched
+    unguarded, guarded = read_inventory(tmp_path)
+    assert unguarded == {"type": "train", "node": 1, "group": "1", "error": None, "records": ["arrays", "metrics"],
+                         "arrays": {"arrays": {"w": [2, 3], "b": [3]}}, "configs": {},
+                         "metrics": {"metrics": {"declined": "int", "clip7-call-my-mother": "float",
+                                                 "losses": "list[float]"}},
+                         "lengths": {"metrics": {"losses": 2}}}
+    assert guarded["error"] == {"code": P.ERROR_OUTBOUND, "fixed_reason": True} and guarded["records"] == []
+    assert (tmp_path / "inbound").stat().st_mode & 0o777 == 0o700  # who replied: the experimenter's alone
+    assert (tmp_path / "inbound" / "replies.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_device_owners_log_lists_the_replies_the_guard_let_through(tmp_path):
+    import json
+
+    guard = outbound_guard(SHAPES, SAMPLE, str(tmp_path))
+    good = lambda msg, context: Message(RecordDict({P.METRICS: MetricRecord({P.DECLINED: 1})}), reply_to=msg)
+    leaky = lambda msg, context: Message(RecordDict({P.METRICS: MetricRecord({"seconds": 1.0})}), reply_to=msg)
+    guard(_incoming(), _context(), good)
+    guard(_incoming(), _context(), leaky)
+    rows = [json.loads(line) for f in tmp_path.glob("outbound-*.jsonl") for line in f.read_text().splitlines()]
+    assert rows == [{"type": "train", "records": ["metrics"], "arrays": None, "metrics": {"declined": "int"}}]

@@ -88,26 +88,31 @@ def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke
 
 
 def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
+    """The inventory the server took of every reply at receipt (``server/inbound.py``), before any
+    check: not the device guard's word for what it let through."""
     from clients.guard import allowed_metrics
     from fl.config import ModelConfig
     from fl.model.conformer import ConformerCTC
+    from server.inbound import read_inventory
 
     run = smoke_run / "run"
     cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
     shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
-    rows = [json.loads(line) for f in (run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
+    rows = read_inventory(run)
+    assert not (run / "outbound").exists()  # the simulated devices keep no log of their own
     assert {r["type"] for r in rows} == {"query", "train"}  # no federated evaluation under privacy
-    assert sum(r["type"] == "train" for r in rows) == 2 * 4  # every training reply of the run was seen
+    assert sum(r["type"] == "query" for r in rows) == 4 and sum(r["type"] == "train" for r in rows) == 2 * 4
+    assert len({r["node"] for r in rows}) == 4
     for r in rows:
-        assert set(r["records"]) <= {"arrays", "metrics"}
+        assert r["error"] is None and r["configs"] == {}
         if r["type"] == "train":
-            assert r["arrays"] == shapes  # the whole update, exactly the model's arrays and shapes
-        elif r["type"] == "query":
-            assert r["metrics"] == {"device-key": "int"}  # the device's key, nothing else
+            assert r["records"] == ["arrays", "metrics"]
+            assert r["arrays"] == {"arrays": shapes}  # the whole update, exactly the model's arrays and shapes
+            assert set(r["metrics"]["metrics"]) <= allowed_metrics(sample=True, user=False)
+            assert set(r["metrics"]["metrics"].values()) <= {"int", "float"}
         else:
-            assert r["arrays"] is None
-        assert set(r["metrics"]) <= allowed_metrics(sample=True, user=False)
-        assert set(r["metrics"].values()) <= {"int", "float"}
+            assert r["records"] == ["metrics"] and r["arrays"] == {}
+            assert r["metrics"] == {"metrics": {"device-key": "int"}}  # the device's key, nothing else
 
 
 def test_devices_keep_a_record_of_the_rounds_they_trained_in(smoke_run):

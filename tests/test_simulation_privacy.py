@@ -36,12 +36,53 @@ def test_devices_whose_replies_were_lost_still_have_their_spend_counted(private_
 
 def test_distributed_noise_runs_under_secure_aggregation(tmp_path_factory, sim_cache):
     run = simulate(tmp_path_factory.mktemp("distributed"), sim_cache, "privacy=user",
-                   "privacy.user.noise=distributed", "federation.sampling=fixed", "federation.rounds=2") / "run"
+                   "privacy.user.noise=distributed", "federation.sampling=fixed", "federation.rounds=2",
+                   "federation.audit_outbound=true") / "run"
     assert [r["clients"] for r in read_private_rounds(run)[1:]] == [4, 4]
     user = json.loads((run / "summary.json").read_text())["privacy"]["user"]
     assert user["noise"] == "distributed" and user["rounds"] == 2
     spec = UserLevelSpec(user["noise_multiplier"], user["sampling_rate"], 2, user["delta"], "fixed", user["accountant"])
     assert user["epsilon"] == pytest.approx(user_level_epsilon(spec), rel=1e-9)
+    _check_secure_inventory(run)
+
+
+SECAGG = "secaggplus_configs"
+SECAGG_STAGES = {  # what each SecAgg+ stage's reply may hold besides the masked vector's: keys, shares
+    "setup": {"pk1": "bytes", "pk2": "bytes"}, "share-keys": {"dsts": "list[int]", "ctxts": "list[bytes]"},
+    "unmask": {"nids": "list[int]", "shares": "list[bytes]"}}
+
+
+def _check_secure_inventory(run):
+    """What reached the server under SecAgg+, at receipt (``server/inbound.py``): protocol keys and
+    shares, one masked vector per device and round, the clear echo; never an array in clear."""
+    from clients.guard import allowed_metrics
+    from fl.config import ModelConfig
+    from fl.model.conformer import ConformerCTC
+    from fl.privacy.user import UserRound
+    from server.inbound import read_inventory
+
+    cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
+    floats = [k for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items() if v.is_floating_point()]
+    rows = read_inventory(run)
+    assert all(r["error"] is None for r in rows)
+    assert [r["metrics"] for r in rows if r["type"] == "query"] == [{"metrics": {"device-key": "int"}}] * 4
+    train = [r for r in rows if r["type"] == "train"]
+    masked = [r for r in train if "masked_params" in r["configs"].get(SECAGG, {})]
+    protocol = [r for r in train if r not in masked]
+    assert len(train) == 4 * 4 * 2 and len(masked) == 4 * 2  # 4 stages, 4 devices, 2 rounds
+    for r in protocol:
+        assert r["records"] == [SECAGG] and r["arrays"] == r["metrics"] == {}
+        assert r["configs"][SECAGG] in SECAGG_STAGES.values()
+    for r in masked:
+        assert r["records"] == ["fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status", SECAGG]
+        assert r["arrays"] == {"fitres.parameters": {}}  # no update in clear: emptied by the device's mod
+        assert r["configs"][SECAGG] == {"masked_params": "list[bytes]"}
+        # masked: the weight factor (Flower's factor_combine), then one entry per update array
+        assert r["lengths"][SECAGG] == {"masked_params": 1 + len(floats)}
+        assert set(r["configs"]["fitres.metrics"]) == set(UserRound(1.0, 1.0, 1).echo())
+        assert set(r["configs"]["fitres.metrics"]) <= allowed_metrics(sample=False, user=True)
+        assert r["metrics"] == {"fitres.num_examples": {"num_examples": "int"}}
+        assert r["configs"]["fitres.status"] == {"code": "int", "message": "str"}
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +110,29 @@ def test_rounds_complete_with_the_devices_that_did_not_crash(faulty_run):
 
 
 def test_every_message_of_a_both_levels_run_carries_only_the_update_and_the_echo(local_run):
-    """The outbound inventory: what each device sent, field by field, in a privacy=both run."""
+    """The inventory of what reached the server, field by field, in a privacy=both run: taken at
+    receipt (``server/inbound.py``), so a device guard that let anything more through would show."""
     from clients.guard import allowed_metrics
     from fl.config import ModelConfig
     from fl.model.conformer import ConformerCTC
     from fl.privacy.sample import SampleLevel
     from fl.privacy.user import UserRound
+    from server.inbound import read_inventory
 
     cfg = json.loads((local_run / "summary.json").read_text())["config"]["model"]
     model = ConformerCTC(ModelConfig(**cfg), 29).state_dict()
     floats = {k: list(v.shape) for k, v in model.items() if v.is_floating_point()}
     echo = set(SampleLevel(1.0, 1.0, 1.0, 1).echo()) | set(UserRound(1.0, 1.0, 1).echo())
-    rows = [json.loads(line) for f in (local_run / "outbound").glob("*.jsonl") for line in f.read_text().splitlines()]
+    rows = read_inventory(local_run)
     by_type = {t: [r for r in rows if r["type"] == t] for t in {r["type"] for r in rows}}
     assert set(by_type) == {"query", "train"}  # no evaluation replies under privacy
-    assert all(r["metrics"] == {"device-key": "int"} and r["arrays"] is None for r in by_type["query"])
-    assert len(by_type["train"]) == 2 * 4
+    assert len(by_type["query"]) == 4 and len(by_type["train"]) == 2 * 4
+    assert all(r["error"] is None and r["configs"] == {} for r in rows)
+    assert all(r["metrics"] == {"metrics": {"device-key": "int"}} and r["arrays"] == {} for r in by_type["query"])
     for r in by_type["train"]:
-        assert r["records"] == ["arrays", "metrics"] and r["arrays"] == floats
-        assert set(r["metrics"]) == echo and set(r["metrics"]) <= allowed_metrics(sample=True, user=True)
+        assert r["records"] == ["arrays", "metrics"] and r["arrays"] == {"arrays": floats}
+        metrics = r["metrics"]["metrics"]
+        assert set(metrics) == echo and set(metrics) <= allowed_metrics(sample=True, user=True)
 
 
 def test_local_noise_reports_what_the_server_learns_beside_the_models_epsilon(local_run):
