@@ -36,7 +36,7 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Unit and component tests only (no simulation, no deployment): about three minutes, for while you work.
+# Unit and component tests only (no simulation, no deployment), for while you work.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
