@@ -8,7 +8,9 @@ local or distributed user-level DP, noised with its share); under DP-FedSGD
 Poisson batches' clipped per-utterance gradients (plus its noise share under ``distributed``). Every DP draw comes from the device's
 own secret (``clients/state.py``), never from anything the server knows. Under any privacy level
 the reply's metrics are the echo of those parameters and nothing else: no example count, loss or
-timing. Before training, the device checks every request against its own policy
+timing. What the device trains on is labelled here, on the device (``fl/labels.py``, ``train.labels``:
+its transcripts, its own pseudo-labels, or the user's corrections); no label, score or count of them
+is ever part of a reply. Before training, the device checks every request against its own policy
 (``clients/policy.py``: noise floors, allowed placements, its sample-level and server-facing
 budgets over every run) and declines, with a fixed reason code, one that fails. Every reply passes the
 outbound guard (``clients/guard.py``). Federated evaluation runs only without privacy (test
@@ -36,6 +38,7 @@ from clients.state import DeviceState, Release, ServerAccount, reply_digest, rou
 from fl import protocol as P
 from fl.config import DevicePolicy, ModelConfig, SamplePrivacyConfig, TrainConfig, UserPrivacyConfig
 from fl.data.fleet import DeviceData
+from fl.labels import Labeler
 from fl.model import Recognizer, build_recognizer
 from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import TRAINING
@@ -68,6 +71,9 @@ class DeviceSettings:
     checked against before training, ``clients/policy.py``; the safe defaults unless the device's
     operator -- or a simulation's config -- says otherwise).
     ``reproducible``: derive the device's secret from ``seed`` (simulations for exact reruns only).
+    ``corrected_fraction``: under ``train.labels=corrections``, the chance that a recording with a
+    transcript counts as the user's correction (``data.corrected_fraction`` in a simulation; 1.0 on a
+    deployed device, whose transcripts are all its user's).
     """
 
     model: ModelConfig
@@ -79,6 +85,7 @@ class DeviceSettings:
     faults: Faults = Faults()
     reproducible: bool = False
     policy: DevicePolicy = field(default_factory=DevicePolicy)
+    corrected_fraction: float = 1.0
 
     @property
     def private(self) -> bool:
@@ -148,6 +155,11 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
         log.warning("device %s has no usable training recordings: declining round %d", store.key(context),
                     server_round)
         return _declined(msg, P.DECLINED_NO_DATA)
+    if settings.train.labels == "transcripts" and not settings.private and device.train \
+            and all(e.text is None for e in device.train):  # under DP it trains on none (noise alone), as above
+        log.warning("device %s has recordings but no transcripts (train.labels=transcripts): declining round %d",
+                    store.key(context), server_round)
+        return _declined(msg, P.DECLINED_NO_TRANSCRIPTS)
     settings.faults.before_training(context, settings.seed, server_round)
     with state.locked():
         return _release(settings, msg, context, store, recognizer, state, device, sample, user, started)
@@ -180,6 +192,10 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     before = list(account.history) if account is not None else None
     server_before = list(server.history) if server is not None else None
     secret = state.secret()
+    # the (recording, label) pairs of this round, made here, batch by batch once drawn, and kept here
+    seed_teacher = settings.train.teacher == "seed"  # the pinned seed the device loads itself, or the global model
+    teacher = (lambda: recognizer.new_module()) if seed_teacher else (lambda: _model(recognizer, msg))
+    label = Labeler(settings.train, recognizer, teacher, secret, settings.corrected_fraction)
     # dropout masks and plain batches: not DP draws (no guarantee rests on their secrecy), so torch's
     # generator is fine here; every DP draw below comes from the secret's ChaCha20 streams
     torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))
@@ -187,19 +203,23 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     if sample is not None and sample.aggregated:  # DP-FedSGD: the clipped sum goes out, the noise on the total
         assert account is not None
         update = sample.clipped_sum(msg.content[P.ARRAYS].to_torch_state_dict(), recognizer, device.train, account,
-                                    secret, plan.index)
+                                    secret, plan.index, label)
         metrics |= sample.echo()
     else:
         model = _model(recognizer, msg)
         base = {k: v.clone() for k, v in recognizer.shared(model).items()}
         if sample is not None:
             assert account is not None
-            sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index)
+            sample.train(model, recognizer, device.train, settings.train, account, secret, plan.index, label)
             metrics |= sample.echo()
         elif device.train:
             seed = int.from_bytes(secret.stream_key(TRAINING, "batches", plan.index)[:8], "big")
-            loss = plain_round(model, recognizer, device.train, settings.train, seed)
+            loss = plain_round(model, recognizer, device.train, settings.train, seed, label)
             if not settings.private:  # counts and losses are covered by no guarantee: sent only without DP
+                if not label.kept:  # nothing drawn got a label: nothing trained, nothing committed
+                    return _decline(state, msg, store.key(context), server_round, Refusal(
+                        P.DECLINED_NO_DATA, f"no drawn recording got a label (train.labels={settings.train.labels})"))
+                # the device's recordings, as under transcripts: never how many got a label
                 metrics |= {P.NUM_EXAMPLES: len(device.train), P.TRAIN_LOSS: loss}
         update = model_delta(recognizer.shared(model), base)
     if user is not None:
@@ -217,7 +237,7 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
             "one (the first reply stays counted)"))
     steps = sample.steps if sample else settings.train.local_steps
     state.commit(Release(this_round, digest, before, plan.index, server_before, replayable=not fresh), account,
-                 server_round, steps, len(device.train), time.perf_counter() - started,
+                 server_round, steps, label.kept, time.perf_counter() - started,
                  sample.delta if sample else None, server=server,
                  server_delta=settings.server_delta if server is not None else None)
     settings.faults.after_training(context, settings.seed, server_round)
@@ -264,12 +284,13 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
         device = store.data(context)
         metrics: dict[str, float | int] = {P.NUM_EXAMPLES: 0, P.WER: 0.0, P.CER: 0.0, P.LOSS: 0.0, P.WORDS: 0,
                                            P.CHARS: 0}  # no test recordings: counts nothing
-        if device.test:
-            result = evaluate(recognizer, _model(recognizer, msg), device.test)
+        tests = [e for e in device.test if e.text is not None]  # no reference, no score
+        if tests:
+            result = evaluate(recognizer, _model(recognizer, msg), tests)
             metrics = {
                 P.NUM_EXAMPLES: result.utterances, P.WER: result.wer, P.CER: result.cer, P.LOSS: result.loss,
-                P.WORDS: sum(len(e.text.split()) for e in device.test),
-                P.CHARS: sum(len(e.text) for e in device.test),
+                P.WORDS: sum(len(e.text.split()) for e in tests),  # type: ignore[union-attr]
+                P.CHARS: sum(len(e.text) for e in tests),  # type: ignore[arg-type]
             }
         return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

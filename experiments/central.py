@@ -66,7 +66,10 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     tests = device_tests(cfg, inputs)
     seed_scores = _scores(recognizer, model, inputs, tests)
     steps = central_steps(cfg)
-    pooled = [e for d in inputs.devices.values() for e in d.train]
+    pooled = [e for d in inputs.devices.values() for e in d.train if e.text is not None]  # the transcribed ones
+    if not pooled:
+        raise ValueError("unheard-central fine-tunes on the devices' transcripts, and none has one "
+                         "(data.drop_transcripts=true, or an unlabelled corpus)")
     log.info("central fine-tune: %d steps on %d pooled utterances", steps, len(pooled))
     torch.manual_seed(cfg.seed)
     plain_round(model, recognizer, pooled, replace(cfg.train, local_steps=steps), cfg.seed)

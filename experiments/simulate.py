@@ -65,7 +65,8 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
     device = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
                             fed.threads_per_client, faults, cfg.privacy.reproducible,
-                            policy=cfg.privacy.device)  # the simulated devices' own policy (conf/config.yaml)
+                            policy=cfg.privacy.device,  # the simulated devices' own policy (conf/config.yaml)
+                            corrected_fraction=cfg.data.corrected_fraction)
     server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
     if fed.ray_address:
         log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)
@@ -112,7 +113,11 @@ def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: di
     all, or ``federation.eval_devices`` of them drawn by (seed, round)."""
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
     chosen = evaluation_devices(range(devices), cfg.federation.eval_devices, cfg.seed, rounds)
-    tests = [e for pid in chosen for e in load_device(fleet, pid).test]
+    every = [e for pid in chosen for e in load_device(fleet, pid).test]
+    tests = [e for e in every if e.text is not None]
+    if len(tests) < len(every):
+        log.warning("experimenter view: %d of the devices' %d test recordings have no reference transcript and are "
+                    "not scored", len(every) - len(tests), len(every))
     out: dict = {"observer": "experimenter (simulation only: read from the devices' files, never sent)",
                  "devices": len(chosen), "utterances": len(tests)}
     for label, weights in (("seed_model", seed), ("final", final)):

@@ -6,6 +6,7 @@ config or on the command line is rejected before anything runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -24,6 +25,13 @@ class DataConfig:
     ``eval_utterances`` caps the evaluation set (0 = all), ``max_speakers`` the device speakers
     (0 = all). ``public_corpus``/``public_path`` add real data declared public to the seed's
     pretraining (e.g. FSDD); the private pool is never used for pretraining.
+
+    ``corrected_fraction`` (``train.labels=corrections``, simulation): the share of a device's training
+    recordings whose transcript stands for the user's correction; which ones is drawn from the
+    *device's secret*, once per recording id (``fl/labels.py``), so the server cannot tell which they
+    are and one recording more or less moves no other. ``drop_transcripts``: the simulated devices'
+    training recordings lose their transcripts (devices without transcripts, for ``train.labels=pseudo``
+    or ``corrections``); the devices' test splits and the held-out speakers keep theirs, to be scored.
     """
 
     corpus: str = "embedded"
@@ -44,6 +52,8 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.25
     max_seconds: float = 30.0
+    corrected_fraction: float = 0.1
+    drop_transcripts: bool = False
     cache_dir: str = "${oc.env:UNHEARD_CACHE,${hydra:runtime.cwd}/.cache}"
 
 
@@ -90,6 +100,17 @@ class TrainConfig:
     ``trainable`` is a regex over parameter names: only matching parameters are fine-tuned
     (``.`` = all; null = the model's preset: all of the Conformer, the decoder blocks of Whisper).
     Training fewer values is the usual way to make DP-SGD useful on small devices.
+
+    ``labels`` (``LABEL_SOURCES``, ``fl/labels.py``): what a device trains on -- ``transcripts`` (the
+    recordings' own, as in research corpora: recordings without one are not trained on), ``pseudo``
+    (each round the device transcribes its own training recordings with ``teacher`` and keeps those
+    whose confidence is at least ``pseudo_threshold``) or ``corrections`` (recordings the user corrected
+    keep their transcript, ``data.corrected_fraction`` in a simulation; the rest are pseudo-labelled).
+    ``teacher`` (``TEACHERS``): ``global`` (the model the device just received) or ``seed`` (the pinned
+    pretrained seed every party loads itself: Whisper only; the Conformer's seed is the server's).
+    ``pseudo_threshold``: on the greedy decode's mean log-probability per decoding step (per token and the
+    end token for Whisper, per frame of the best path for the CTC Conformer); ``-.inf`` keeps every
+    pseudo-label, ``.inf`` none. Pseudo-labels, their scores and how many were kept never leave the device.
     """
 
     local_steps: int = 8
@@ -97,6 +118,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     trainable: Optional[str] = None
+    labels: str = "transcripts"
+    teacher: str = "global"
+    pseudo_threshold: float = -1.0
 
 
 @dataclass
@@ -174,6 +198,8 @@ class UserPrivacyConfig:
 USER_NOISE_PLACEMENTS = ("central", "local", "distributed")
 SAMPLE_NOISE_PLACEMENTS = ("device", "central", "distributed")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+LABEL_SOURCES = ("transcripts", "pseudo", "corrections")
+TEACHERS = ("global", "seed")
 
 
 @dataclass
@@ -388,6 +414,8 @@ _CHOICES = {
     "privacy.sample.noise": SAMPLE_NOISE_PLACEMENTS,
     "federation.server_optimizer": SERVER_OPTIMIZERS,
     "federation.sampling": ("poisson", "fixed"),
+    "train.labels": LABEL_SOURCES,
+    "train.teacher": TEACHERS,
 }
 
 
@@ -403,6 +431,8 @@ def validate(cfg: Config) -> None:
         "privacy.sample.noise": cfg.privacy.sample.noise if cfg.privacy.sample else "device",
         "federation.server_optimizer": cfg.federation.server_optimizer or "fedavg",
         "federation.sampling": cfg.federation.sampling,
+        "train.labels": cfg.train.labels,
+        "train.teacher": cfg.train.teacher,
     }
     for key, value in values.items():
         if value not in _CHOICES[key]:
@@ -437,5 +467,18 @@ def validate(cfg: Config) -> None:
         raise ValueError("federation: server_lr and server_tau must be > 0, server_beta1 and server_beta2 in [0, 1), "
                          "eval_every >= 0")
     cfg.privacy.device.check()
+    if cfg.train.labels != "transcripts" and cfg.train.teacher == "seed" and cfg.model.kind != "whisper":
+        raise ValueError("train.teacher=seed needs a pinned pretrained seed on the device (model.kind=whisper): "
+                         "the Conformer's seed is pretrained by the server; use train.teacher=global")
+    if math.isnan(cfg.train.pseudo_threshold):
+        raise ValueError("train.pseudo_threshold is a number (-.inf keeps every pseudo-label, .inf none)")
+    if not 0.0 <= cfg.data.corrected_fraction <= 1.0:
+        raise ValueError("data.corrected_fraction is a fraction in [0, 1]")
+    if cfg.data.drop_transcripts and cfg.train.labels == "transcripts":
+        raise ValueError("data.drop_transcripts=true leaves the devices nothing to train on with train.labels="
+                         "transcripts: use train.labels=pseudo (or corrections)")
+    if cfg.data.drop_transcripts and (cfg.audit.membership or cfg.audit.canaries):
+        raise ValueError("the leakage audit scores training recordings against their transcripts: it cannot run "
+                         "with data.drop_transcripts=true")
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

@@ -41,6 +41,7 @@ DECLINED_NOISE_FLOOR = 3  # a noise multiplier below the device's floor (or no n
 DECLINED_PLACEMENT = 4  # a user-level noise placement the device does not allow (central: a clear update)
 DECLINED_REPLAY_DIFFERS = 5  # a request it already answered, whose reply would now differ (its data changed)
 DECLINED_NO_DATA = 6  # no usable recordings (without privacy only: under DP a device trains on noise)
+DECLINED_NO_TRANSCRIPTS = 7  # train.labels=transcripts, and none of its recordings has one (without privacy only)
 DECLINE_REASONS: Mapping[int, str] = {
     DECLINED_SAMPLE_BUDGET: "sample-level budget spent",
     DECLINED_SERVER_BUDGET: "server-facing user-level budget spent",
@@ -48,6 +49,7 @@ DECLINE_REASONS: Mapping[int, str] = {
     DECLINED_PLACEMENT: "noise placement refused by the device",
     DECLINED_REPLAY_DIFFERS: "a repeated request whose reply would differ",
     DECLINED_NO_DATA: "no usable recordings",
+    DECLINED_NO_TRANSCRIPTS: "no transcripts to train on (train.labels=transcripts)",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -65,20 +65,28 @@ def max_update_norm(train: TrainConfig, reference: Mapping[str, torch.Tensor]) -
 
 
 def plain_round(model: nn.Module, recognizer: Recognizer, examples: Sequence[Example], train: TrainConfig,
-                seed: int) -> float:
-    """Non-private local fine-tuning: ``train.local_steps`` AdamW steps; returns the mean loss."""
+                seed: int, label: Optional[Callable[[Sequence[Example]], list[Example]]] = None) -> float:
+    """Non-private local fine-tuning: ``train.local_steps`` AdamW steps; returns the mean loss (NaN
+    when no step had a labelled recording).
+
+    ``label`` (a :class:`fl.labels.Labeler`): applied to each drawn batch, which trains on the pairs it
+    returns; a batch left empty is no step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     batches = random_batches(examples, train.batch_size, random.Random(seed))
     model.train()
-    total = 0.0
+    losses: list[float] = []
     for _ in range(train.local_steps):
-        loss = recognizer.losses(model, recognizer.collate(next(batches))).mean()
+        batch = next(batches)
+        batch = label(batch) if label is not None else batch
+        if not batch:
+            continue
+        loss = recognizer.losses(model, recognizer.collate(batch)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
-    return total / train.local_steps
+        losses.append(loss.item())
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -109,9 +117,14 @@ def _batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Exam
 @torch.no_grad()
 def evaluate(recognizer: Recognizer, model: nn.Module, examples: Sequence[Example], batch_size: int = 16
              ) -> EvalResult:
-    """Mean loss and corpus WER/CER of greedy decoding over ``examples`` (in eval mode)."""
+    """Mean loss and corpus WER/CER of greedy decoding over ``examples`` (in eval mode); every example
+    needs its reference transcript."""
     if not examples:
         raise ValueError("cannot evaluate on an empty set")
+    unlabelled = sum(e.text is None for e in examples)
+    if unlabelled:
+        raise ValueError(f"evaluation needs reference transcripts: {unlabelled} of the {len(examples)} recordings "
+                         "have none (an unlabelled corpus cannot score a model: set data.eval_path to a labelled one)")
     was_training = model.training
     model.eval()
     refs, hyps, loss_sum, loops = [], [], 0.0, 0

@@ -182,8 +182,8 @@ def test_a_device_that_opted_in_to_weaker_settings_accepts_them(tmp_path):
 def test_every_declined_value_is_a_code_of_the_fixed_table():
     with pytest.raises(ValueError):
         client_app._declined(_message({})[0], 99)
-    assert set(P.DECLINE_REASONS) == {1, 2, 3, 4, 5, 6}
-    assert P.decline_reason(2.0) == P.DECLINE_REASONS[2] and "unknown" in P.decline_reason(7)
+    assert set(P.DECLINE_REASONS) == {1, 2, 3, 4, 5, 6, 7}
+    assert P.decline_reason(2.0) == P.DECLINE_REASONS[2] and "unknown" in P.decline_reason(8)
 
 
 # ---------------------------------------------------------------------------------------------------

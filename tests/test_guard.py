@@ -48,7 +48,7 @@ def test_echo_and_declined_pass_under_privacy(allowed):
     check_reply(["arrays", "metrics"], _arrays(), MetricRecord({**echo, P.DEVICE_KEY: 12345}), SHAPES, allowed)
     for code in P.DECLINE_REASONS:
         check_reply(["metrics"], None, MetricRecord({P.DECLINED: code}), SHAPES, allowed)
-    for value in (0, 7, 1.5, 123456.0):  # a free-form number would be a channel out of the device
+    for value in (0, 8, 1.5, 123456.0):  # a free-form number would be a channel out of the device
         with pytest.raises(OutboundViolation, match="DECLINE_REASONS"):
             check_reply(["metrics"], None, MetricRecord({P.DECLINED: value}), SHAPES, allowed)
 

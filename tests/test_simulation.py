@@ -8,6 +8,8 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from opacus.accountants import RDPAccountant
 
+from fl.data.fleet import load_device
+
 # exactly what a published row holds under privacy=sample: no realised count, no wall time
 ROW_KEYS = {"round", "wer", "cer", "raw_wer", "loss", "loops_cut", "epsilon_sample", "epsilon_user",
             "epsilon_user_server", "delta", "delta_user", "extrapolated", "randomness", "expected_cohort"}
@@ -87,15 +89,14 @@ def test_run_dir_publishes_checkpoints_and_keeps_the_servers_state_private(smoke
     assert summary["federated_evaluation"].startswith("off")
 
 
-def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
+def _check_inventory(run) -> None:
     """The inventory the server took of every reply at receipt (``server/inbound.py``), before any
-    check: not the device guard's word for what it let through."""
+    check, of a smoke run with fixed sampling under sample-level DP: only the update and the echo."""
     from clients.guard import allowed_metrics
     from fl.config import ModelConfig
     from fl.model.conformer import ConformerCTC
     from server.inbound import read_inventory
 
-    run = smoke_run / "run"
     cfg = json.loads((run / "summary.json").read_text())["config"]["model"]
     shapes = {k: list(v.shape) for k, v in ConformerCTC(ModelConfig(**cfg), 29).state_dict().items()}
     rows = read_inventory(run)
@@ -113,6 +114,23 @@ def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
         else:
             assert r["records"] == ["metrics"] and r["arrays"] == {}
             assert r["metrics"] == {"metrics": {"device-key": "int"}}  # the device's key, nothing else
+
+
+def test_devices_send_only_model_shaped_arrays_and_protocol_scalars(smoke_run):
+    """Not the device guard's word for what it let through: the server's own record."""
+    _check_inventory(smoke_run / "run")
+
+
+def test_pseudo_labelling_devices_send_exactly_what_transcribed_ones_do(tmp_path, sim_cache):
+    """Devices without transcripts (``data.drop_transcripts``) label their recordings themselves
+    (``train.labels=pseudo``): no pseudo-label, score or count of them reaches the server."""
+    from tests.conftest import simulate
+
+    run = simulate(tmp_path, sim_cache, "federation.sampling=fixed", "federation.audit_outbound=true",
+                   "train.labels=pseudo", "train.pseudo_threshold=-inf", "data.drop_transcripts=true") / "run"
+    _check_inventory(run)
+    fleet = run / "fleet"
+    assert all(e.text is None for pid in range(4) for e in load_device(str(fleet), pid).train)
 
 
 def test_devices_keep_a_record_of_the_rounds_they_trained_in(smoke_run):

@@ -12,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,8 +60,8 @@ class Example:
     id: str
     speaker: str
     feats: torch.Tensor  # [frames, ...] float16: the recognizer's features
-    tokens: torch.Tensor  # [L] int64
-    text: str
+    tokens: torch.Tensor  # [L] int64 (empty without a transcript)
+    text: Optional[str]  # None: no transcript (an unlabelled recording, train.labels=pseudo|corrections)
     seconds: float = 0.0  # the audio's length
 
 
@@ -74,7 +74,7 @@ class FeatureSet:
 def _cache_key(utterances: Sequence[Utterance], feature_key: str, max_seconds: float) -> str:
     h = hashlib.sha256(f"features-v2:{feature_key}:{max_seconds!r}".encode())
     for u in utterances:
-        h.update(f"{u.id}\t{u.audio}\t{u.text}\n".encode())
+        h.update(f"{u.id}\t{u.audio}\t{'' if u.text is None else u.text}\n".encode())  # '': no transcript
     return h.hexdigest()[:16]
 
 
@@ -85,7 +85,8 @@ def featurize(
     max_seconds: float = 30.0,
     chunk: int = 16,
 ) -> FeatureSet:
-    """Featurise ``utterances`` for ``recognizer``, skipping (and reporting) any whose audio or text is bad.
+    """Featurise ``utterances`` for ``recognizer``, skipping (and reporting) any whose audio or text is bad
+    (a recording without a transcript is kept, with no tokens).
 
     Audio longer than ``max_seconds`` or than the model takes is skipped. Results are cached in
     ``cache_dir`` under a key of the utterance list, the recognizer's feature settings and the length
@@ -108,8 +109,8 @@ def featurize(
 
     for u in utterances:
         try:
-            tokens = torch.tensor(recognizer.encode(u.text), dtype=torch.long)
-            if tokens.numel() == 0:
+            tokens = torch.tensor([] if u.text is None else recognizer.encode(u.text), dtype=torch.long)
+            if u.text is not None and tokens.numel() == 0:
                 raise ValueError("empty transcript")
             pending.append((u, tokens, load_audio(u.audio, max_seconds=limit)))
         except (AudioError, ValueError) as err:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -91,6 +91,19 @@ def _by_id(examples: Sequence[Example]) -> dict[str, Example]:
     return {e.id: e for e in examples}
 
 
+def _require_references(examples: Sequence[Example], what: str) -> None:
+    """Evaluation scores against transcripts: refuse an evaluation set without them, saying what to do."""
+    missing = sum(e.text is None for e in examples)
+    if missing:
+        raise ValueError(f"{what}: {missing} of {len(examples)} recordings have no transcript, and evaluation needs "
+                         "references; set data.eval_path to a labelled corpus (data.eval_speakers=0)")
+
+
+def _unlabelled(examples: Sequence[Example]) -> list[Example]:
+    """``examples`` without their transcripts (``data.drop_transcripts``: a device that has none)."""
+    return [replace(e, text=None, tokens=e.tokens[:0]) for e in examples]
+
+
 def _eval_corpus(cfg: DataConfig, recognizer: Recognizer, feats_dir: Path,
                  device_speakers: set[str]) -> tuple[list[Example], list[Problem]]:
     """The separate evaluation corpus; it must share no speaker with the devices."""
@@ -156,6 +169,7 @@ def prepare_server_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> S
             raise DataNotFound(f"data.eval_path={cfg.eval_path} does not exist")
         held_out, eval_problems = _eval_corpus(cfg, recognizer, Path(cfg.cache_dir) / "features", set())
         problems += eval_problems
+    _require_references(held_out, "the server's evaluation set")
     return ServerData(public_train, public_dev, _cap_examples(held_out, cfg.eval_utterances, rng), problems)
 
 
@@ -184,6 +198,7 @@ def prepare_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> Prepared
         held_out, eval_problems = _eval_corpus(cfg, recognizer, feats_dir, set(speakers))
         problems += eval_problems
     held_out = _cap_examples(held_out, cfg.eval_utterances, rng)
+    _require_references(held_out, "the held-out speakers")
     device_utts = [u for u in pool if u.id in kept and u.speaker not in held_speakers]
     shards = partition(device_utts, cfg.partition, cfg.num_devices, seed, cfg.dirichlet_alpha)
     devices: dict[str, DeviceData] = {}
@@ -194,7 +209,9 @@ def prepare_data(cfg: DataConfig, recognizer: Recognizer, seed: int) -> Prepared
         train, test = split_device(utts, cfg.test_fraction, split_key(seed, device_id))
         if not train:  # kept, as a deployed device with no training recordings: declines, or noise alone under DP
             log.warning("device %s: all %d utterances fell in its test split: none to train on", device_id, len(utts))
-        devices[device_id] = DeviceData(device_id, [kept[u.id] for u in train], [kept[u.id] for u in test])
+        train_ex = [kept[u.id] for u in train]
+        devices[device_id] = DeviceData(device_id, _unlabelled(train_ex) if cfg.drop_transcripts else train_ex,
+                                        [kept[u.id] for u in test])
     log.info(
         "data: %d public train / %d public dev utterances, %d devices, %d held-out utterances, %d problems",
         len(public_train), len(public_dev), len(devices), len(held_out), len(problems),

@@ -4,6 +4,12 @@ Readers never decode audio: they check that each file exists and read its durati
 (``soundfile.info``). A bad line or item becomes a :class:`Problem` and the read goes on; only a
 missing or malformed corpus folder raises :class:`CorpusError`. Transcripts are passed through
 :func:`~fl.data.text.normalize_transcript` and must encode with :class:`~fl.data.text.CharTokenizer`.
+
+A corpus is labelled or unlabelled as a whole: a Kaldi dir without ``text``, a folder with no
+``.txt`` beside any recording, a manifest none of whose lines has a ``text`` field is *unlabelled*
+(``ReadResult.labelled`` False, every transcript None: a device's recordings, for
+``train.labels=pseudo|corrections``). In a labelled corpus, a recording without its transcript
+stays a problem, as before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import soundfile as sf
 
@@ -44,30 +50,34 @@ class Problem:
 
 @dataclass
 class ReadResult:
-    """What a reader found: usable utterances (sorted by id) and the skipped items."""
+    """What a reader found: usable utterances (sorted by id) and the skipped items; ``labelled``
+    False for a corpus without transcripts (every utterance's ``text`` is None)."""
 
     utterances: list[Utterance] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    labelled: bool = True
 
 
 class _Collector:
     """Validates candidate items one by one into a :class:`ReadResult`."""
 
-    def __init__(self) -> None:
-        self.result = ReadResult()
+    def __init__(self, labelled: bool = True) -> None:
+        self.result = ReadResult(labelled=labelled)
 
     def skip(self, utterance_id: str, reason: str) -> None:
         self.result.problems.append(Problem(utterance_id, reason))
 
     def add(
-        self, uid: str, audio: Path, raw_text: str, speaker: str, duration: float | None = None
+        self, uid: str, audio: Path, raw_text: Optional[str], speaker: str, duration: float | None = None
     ) -> None:
-        """Add the utterance, or record why it is skipped (text first, then the audio header)."""
-        text = normalize_transcript(raw_text)
-        if not text:
+        """Add the utterance, or record why it is skipped (text first, then the audio header);
+        ``raw_text`` None: a recording of an unlabelled corpus."""
+        text = None if raw_text is None else normalize_transcript(raw_text)
+        if raw_text is not None and not text:
             return self.skip(uid, f"empty transcript after normalisation ({raw_text!r})")
         try:
-            _TOKENIZER.encode(text)
+            if text is not None:
+                _TOKENIZER.encode(text)
         except TextError as e:
             return self.skip(uid, str(e))
         if not speaker:
@@ -89,8 +99,8 @@ class _Collector:
         hours = sum(u.duration for u in r.utterances) / 3600
         reasons = "; ".join(f"{n} x {why}" for why, n in problem_summary(r.problems).most_common())
         log.info(
-            "read %s corpus %s: %d utterances, %d speakers, %.2f h, %d skipped%s",
-            kind, path, len(r.utterances), speakers, hours, len(r.problems),
+            "read %s%s corpus %s: %d utterances, %d speakers, %.2f h, %d skipped%s",
+            "" if r.labelled else "unlabelled ", kind, path, len(r.utterances), speakers, hours, len(r.problems),
             f" ({reasons})" if reasons else "",
         )
         return r
@@ -127,19 +137,20 @@ def _read_table(
 
 
 def read_kaldi_dir(path: str | Path, audio_root: str | Path | None = None) -> ReadResult:
-    """Read a Kaldi data directory (``wav.scp``, ``text``, ``utt2spk``).
+    """Read a Kaldi data directory (``wav.scp``, ``text``, ``utt2spk``); without ``text``, an unlabelled one.
 
     Relative audio paths in ``wav.scp`` are resolved against ``audio_root`` when given, else
     against the directory's parent (the corpus root, as in speechocean762) and then the directory
     itself. Piped commands (``... |``) are not supported and become problems.
     """
-    path = _require_dir(path, "a Kaldi data directory with wav.scp, text and utt2spk")
-    missing = [f for f in ("wav.scp", "text", "utt2spk") if not (path / f).is_file()]
+    path = _require_dir(path, "a Kaldi data directory with wav.scp, utt2spk and (if labelled) text")
+    missing = [f for f in ("wav.scp", "utt2spk") if not (path / f).is_file()]
     if missing:
         raise CorpusError(f"{path}: not a Kaldi data directory, missing {', '.join(missing)}")
-    c = _Collector()
+    labelled = (path / "text").is_file()
+    c = _Collector(labelled)
     wavs, bad = _read_table(path / "wav.scp", "wav.scp", c)
-    texts, bad_text = _read_table(path / "text", "text", c, need_value=False)
+    texts, bad_text = _read_table(path / "text", "text", c, need_value=False) if labelled else ({}, set())
     spks, bad_spk = _read_table(path / "utt2spk", "utt2spk", c)
     for name, table in (("text", texts), ("utt2spk", spks)):
         for uid in sorted(table.keys() - wavs.keys() - bad):
@@ -150,7 +161,7 @@ def read_kaldi_dir(path: str | Path, audio_root: str | Path | None = None) -> Re
             continue  # already reported
         if target.endswith("|"):
             c.skip(uid, "pipe commands are not supported")
-        elif uid not in texts:
+        elif labelled and uid not in texts:
             c.skip(uid, "no transcript in text")
         elif uid not in spks:
             c.skip(uid, "no speaker in utt2spk")
@@ -158,7 +169,7 @@ def read_kaldi_dir(path: str | Path, audio_root: str | Path | None = None) -> Re
             audio = Path(target)
             if not audio.is_absolute():
                 audio = next((r / audio for r in roots if (r / audio).is_file()), roots[0] / audio)
-            c.add(uid, audio.resolve(), texts[uid], spks[uid])
+            c.add(uid, audio.resolve(), texts[uid] if labelled else None, spks[uid])
     return c.finish("kaldi", path)
 
 
@@ -212,7 +223,8 @@ def read_librispeech(path: str | Path) -> ReadResult:
 
 
 def read_manifest(path: str | Path) -> ReadResult:
-    """Read a JSONL manifest: one ``{"id", "audio", "text", "speaker"[, "duration"]}`` a line.
+    """Read a JSONL manifest: one ``{"id", "audio", "text", "speaker"[, "duration"]}`` a line; a
+    manifest none of whose lines has ``text`` is an unlabelled one.
 
     Relative ``audio`` paths are resolved against the manifest's folder. Items are identified in
     problems by their id, or by ``line N`` when the line has no usable id.
@@ -220,21 +232,26 @@ def read_manifest(path: str | Path) -> ReadResult:
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: not a file; expected a JSONL manifest")
-    c = _Collector()
-    seen: set[str] = set()
+    rows: list[tuple[int, object]] = []  # a line's object, or the JSON error it raised
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            c.skip(f"line {n}", f"invalid JSON ({e.msg})")
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((n, e))
+    labelled = any(isinstance(row, dict) and "text" in row for _, row in rows)
+    c = _Collector(labelled)
+    seen: set[str] = set()
+    fields = ("id", "audio", "text", "speaker") if labelled else ("id", "audio", "speaker")
+    for n, row in rows:
+        if isinstance(row, json.JSONDecodeError):
+            c.skip(f"line {n}", f"invalid JSON ({row.msg})")
             continue
         if not isinstance(row, dict):
             c.skip(f"line {n}", "expected a JSON object")
             continue
         uid = str(row.get("id") or f"line {n}")
-        absent = [k for k in ("id", "audio", "text", "speaker") if row.get(k) in (None, "")]
+        absent = [k for k in fields if row.get(k) in (None, "")]
         if absent:
             c.skip(uid, f"missing field(s) {', '.join(absent)} (line {n})")
             continue
@@ -249,7 +266,7 @@ def read_manifest(path: str | Path) -> ReadResult:
             continue
         audio = Path(str(row["audio"]))
         audio = audio if audio.is_absolute() else path.parent / audio
-        c.add(uid, audio.resolve(), str(row["text"]), str(row["speaker"]), duration)
+        c.add(uid, audio.resolve(), str(row["text"]) if labelled else None, str(row["speaker"]), duration)
     return c.finish("manifest", path)
 
 
@@ -262,10 +279,12 @@ def read_folder(path: str | Path) -> ReadResult:
     Searched recursively (``.wav``, ``.flac``, ``.ogg``). The utterance id is the path relative to
     ``path`` without suffix; the speaker is the recording's parent folder name (the folder itself
     for files at the top). What a device owner most easily has: their recordings and what was said.
+    A folder with no transcript beside any recording is unlabelled: what a device holds without one.
     """
     path = _require_dir(path, "a folder of recordings (clip.wav) with transcripts beside them (clip.txt)")
-    c = _Collector()
     audio_files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    labelled = any(a.with_suffix(".txt").is_file() for a in audio_files)
+    c = _Collector(labelled)
     seen: set[str] = set()
     for audio in audio_files:
         uid = str(audio.relative_to(path).with_suffix(""))
@@ -274,10 +293,10 @@ def read_folder(path: str | Path) -> ReadResult:
             continue
         seen.add(uid)
         transcript = audio.with_suffix(".txt")
-        if not transcript.is_file():
+        if labelled and not transcript.is_file():
             c.skip(uid, f"no transcript: expected {transcript.name} beside {audio.name}")
             continue
-        text = transcript.read_text(encoding="utf-8", errors="replace").strip()
+        text = transcript.read_text(encoding="utf-8", errors="replace").strip() if labelled else None
         c.add(uid, audio.resolve(), text, audio.parent.name if audio.parent != path else path.name)
     return c.finish("folder", path)
 

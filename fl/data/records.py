@@ -1,11 +1,11 @@
-"""The one record every corpus reader produces: an utterance on disk with its transcript."""
+"""The one record every corpus reader produces: an utterance on disk with its transcript (if it has one)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 
 @dataclass(frozen=True)
@@ -13,11 +13,12 @@ class Utterance:
     """One recording and what was said in it.
 
     ``duration`` is in seconds (0.0 when the reader could not know it without decoding audio).
+    ``text`` is None for a recording without a transcript (an unlabelled corpus: what a device holds).
     """
 
     id: str
     audio: str
-    text: str
+    text: Optional[str]
     speaker: str
     duration: float = 0.0
 
@@ -29,7 +30,7 @@ class Utterance:
         return Utterance(
             id=str(row["id"]),
             audio=str(row["audio"]),
-            text=str(row["text"]),
+            text=None if row.get("text") is None else str(row["text"]),
             speaker=str(row["speaker"]),
             duration=float(row.get("duration", 0.0) or 0.0),
         )

@@ -4,7 +4,9 @@ PATH is a Kaldi data dir, a folder of recordings with transcripts beside them, a
 LibriSpeech folder, or a JSONL manifest (detected, or given with ``--kind``). Every recording is
 read by the reader and then decoded exactly as featurisation does (``fl/data/audio.py``), so what
 this reports is what a run would skip: one line per problem (utterance id and reason), then a
-summary. Exit status 0 when clean, 1 when anything was found; never a traceback.
+summary. A corpus without transcripts is reported as *unlabelled* (trainable with
+``train.labels=pseudo`` or ``corrections``, not evaluable), which is no problem. Exit status 0 when
+clean, 1 when anything was found; never a traceback.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class Validation:
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     conversions: Counter = field(default_factory=Counter)
+    labelled: bool = True
 
 
 def validate(path: Path, kind: Optional[str] = None, max_seconds: float = DEFAULT_MAX_SECONDS) -> Validation:
     """Read and decode every recording under ``path``; raises :class:`CorpusError` if it is not a corpus."""
     kind = kind or detect_kind(path)
     read = read_corpus(kind, path)
-    report = Validation(kind, problems=list(read.problems))
+    report = Validation(kind, problems=list(read.problems), labelled=read.labelled)
     for u in read.utterances:
         try:
             info = sf.info(u.audio)
@@ -90,8 +93,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(1)
     for p in report.problems:
         out.write(f"{p.utterance_id}: {p.reason}\n")
-    out.write(f"{args.path} ({report.kind}): {report.usable} usable recordings ({report.seconds / 3600:.2f} h), "
-              f"{len(report.problems)} problems\n")
+    labels = "" if report.labelled else ", unlabelled"
+    out.write(f"{args.path} ({report.kind}{labels}): {report.usable} usable recordings "
+              f"({report.seconds / 3600:.2f} h), {len(report.problems)} problems\n")
+    if not report.labelled:
+        out.write("  unlabelled: no transcripts; devices train on it only with train.labels=pseudo or corrections, "
+                  "and it cannot score a model (no references)\n")
     for reason, n in problem_summary(report.problems).most_common():
         out.write(f"  {n} x {reason}\n")
     for what, n in report.conversions.most_common():

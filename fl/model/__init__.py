@@ -2,7 +2,7 @@
 
 A :class:`Recognizer` is one model family (the Conformer-CTC trained from scratch, or a pretrained
 Whisper) behind six operations: features for audio, a tokenizer, a per-example loss for a batch,
-transcription of a batch, the selection of trainable parameters, and the split of the model's
+transcription of a batch (with a confidence score, for pseudo-labels), the selection of trainable parameters, and the split of the model's
 weights into what the federation shares (travels, is averaged, is checkpointed) and what every
 party loads itself from the seed. DP-SGD, DP-FedAvg, evaluation, the audit and pretraining are
 written against this contract, never against one model.
@@ -87,6 +87,12 @@ class Recognizer(ABC):
     @abstractmethod
     def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:
         """Text of every example of ``batch`` (greedy; in eval mode, without gradients)."""
+
+    @abstractmethod
+    def transcribe_with_confidence(self, module: nn.Module, batch: Batch) -> list[tuple[str, float]]:
+        """:meth:`transcribe`'s text of every example with its confidence: the greedy decode's mean
+        log-probability per decoding step (higher is surer; -inf for a decoding that was cut). What
+        ``train.pseudo_threshold`` is compared with (``fl/labels.py``)."""
 
     def select_trainable(self, module: nn.Module) -> int:
         """Set ``requires_grad`` from :attr:`trainable`; returns how many values train.

@@ -195,9 +195,20 @@ class ConformerRecognizer(Recognizer):
     @torch.no_grad()
     def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:
         """Best path: argmax per frame, merge repeats, drop blanks (CTC cannot loop: no cut needed)."""
+        return Transcripts([text for text, _ in self._best_path(module, batch)])
+
+    @torch.no_grad()
+    def transcribe_with_confidence(self, module: nn.Module, batch: Batch) -> list[tuple[str, float]]:
+        """:meth:`transcribe`'s text with the best path's mean log-probability per output frame."""
+        return self._best_path(module, batch)
+
+    def _best_path(self, module: nn.Module, batch: Batch) -> list[tuple[str, float]]:
         log_probs, lengths = module(batch.feats, batch.feat_lens)
-        texts = []
-        for row, n in zip(log_probs.argmax(dim=-1), lengths.tolist()):
+        ids_all = log_probs.argmax(dim=-1)
+        best = log_probs.gather(-1, ids_all[..., None])[..., 0]
+        out = []
+        for row, score, n in zip(ids_all, best, lengths.tolist()):
             ids = torch.unique_consecutive(row[:n]).tolist()
-            texts.append(" ".join(self.tokenizer.decode([i for i in ids if i != self.tokenizer.blank]).split()))
-        return Transcripts(texts)
+            text = " ".join(self.tokenizer.decode([i for i in ids if i != self.tokenizer.blank]).split())
+            out.append((text, float(score[:n].mean()) if n else -math.inf))
+        return out

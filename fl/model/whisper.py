@@ -233,6 +233,19 @@ class WhisperRecognizer(Recognizer):
     def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:
         """Greedy decoding with the key/value cache; new tokens capped at :data:`TOKENS_PER_SECOND`
         per second of audio (plus slack) and runaway repetition cut (:func:`cut_loop`)."""
+        hyps, cut, _ = self._greedy(module, batch, scored=False)
+        return Transcripts([self.decode(h) for h in hyps], sum(cut))
+
+    @torch.no_grad()
+    def transcribe_with_confidence(self, module: nn.Module, batch: Batch) -> list[tuple[str, float]]:
+        """:meth:`transcribe`'s text with the mean log-probability of every decoded token and the end
+        token; a decoding that was cut (runaway loop or length cap) scores -inf."""
+        hyps, cut, scores = self._greedy(module, batch, scored=True)
+        return [(self.decode(h), -math.inf if c else s) for h, c, s in zip(hyps, cut, scores)]
+
+    def _greedy(self, module: nn.Module, batch: Batch, scored: bool) -> tuple[list[list[int]], list[bool], list[float]]:
+        """Each example's greedy tokens, whether its decoding was cut, and (``scored``) its mean token
+        log-probability (0.0 when not scored)."""
         states = self._encoded(module, batch.feats)
         b = states.shape[0]
         room = self.config.max_target_positions - len(self.prompt)
@@ -241,7 +254,9 @@ class WhisperRecognizer(Recognizer):
         begin = torch.tensor(sorted(set(self.seed.suppress_begin) | {self.eot}))
         hyps: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
-        loops = 0
+        cut_rows = [False] * b
+        logp = [0.0] * b
+        steps = [0] * b
         ids = torch.tensor(self.prompt).expand(b, -1)
         past = None
         encoder_outputs = BaseModelOutput(last_hidden_state=states)
@@ -253,9 +268,13 @@ class WhisperRecognizer(Recognizer):
             if step == 0:
                 logits[:, begin] = -math.inf
             nxt = logits.argmax(dim=-1)
+            chosen = logits.log_softmax(dim=-1).gather(1, nxt[:, None])[:, 0].tolist() if scored else None
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
+                if chosen is not None:
+                    logp[i] += chosen[i]
+                    steps[i] += 1
                 if t == self.eot:
                     done[i] = True
                     continue
@@ -263,11 +282,11 @@ class WhisperRecognizer(Recognizer):
                 cut = cut_loop(hyps[i])
                 if cut is not None or len(hyps[i]) >= caps[i]:
                     hyps[i] = cut if cut is not None else hyps[i]
-                    done[i], loops = True, loops + 1
+                    done[i], cut_rows[i] = True, True
             if all(done):
                 break
             ids = nxt[:, None]
-        return Transcripts([self.decode(h) for h in hyps], loops)
+        return hyps, cut_rows, [lp / max(1, n) for lp, n in zip(logp, steps)]
 
     # -- export -------------------------------------------------------------------------------------
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:

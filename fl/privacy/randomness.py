@@ -55,6 +55,7 @@ BATCHES = "batches"  # Poisson sampling of each DP-SGD step's batch
 USER_NOISE = "user-noise"  # the device's share of user-level noise (local, distributed)
 TRAINING = "training"  # everything else on the device that is random (dropout, plain batches)
 SPLIT = "split"  # a deployed device's train/test assignment of each recording (keyed, not drawn)
+CORRECTIONS = "corrections"  # which recordings a simulated user corrected (keyed by recording id, fixed)
 
 _TWO53 = float(2**53)
 _NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce, all zero: one key per stream

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -330,13 +330,17 @@ class SampleLevel:
         return gs_model, optimizer
 
     def train(self, model: nn.Module, recognizer: Recognizer, examples: Sequence[Example], train: TrainConfig,
-              account: SampleAccount, secret: Secret, release: int) -> float:
+              account: SampleAccount, secret: Secret, release: int,
+              label: Optional[Callable[[Sequence[Example]], list[Example]]] = None) -> float:
         """Train ``model`` in place for ``steps`` DP-SGD steps and record them in ``account``.
 
         Batches and noise come from ``secret``'s streams for this ``release`` (the device's release
         counter: a new release never reuses a stream). ``examples`` may be empty: every batch is
         then empty and the update is noise alone -- still the same mechanism, nothing about n
-        leaks. Returns the mean loss of the non-empty steps (NaN if none; never sent under DP).
+        leaks. ``label`` (a :class:`fl.labels.Labeler`) labels each Poisson batch after it is drawn;
+        a drawn recording it leaves out contributes zero, within the clipping bound, so the step's
+        guarantee is the same. Returns the mean loss of the non-empty steps (NaN if none; never sent
+        under DP).
         """
         batches = secret.stream(BATCHES, release)
         gs_model, optimizer = self.make_private(model, train, secret.stream(DP_SGD_NOISE, release))
@@ -344,11 +348,11 @@ class SampleLevel:
         losses: list[float] = []
         params = [p for p in gs_model.parameters() if p.requires_grad]
         for _ in range(self.steps):
-            idx = poisson_batch(len(examples), self.sample_rate, batches)
+            drawn = [examples[i] for i in poisson_batch(len(examples), self.sample_rate, batches)]
+            drawn = label(drawn) if label is not None and drawn else drawn
             optimizer.zero_grad(set_to_none=True)
-            if idx:
-                batch = recognizer.collate([examples[i] for i in idx])
-                losses.append(per_sample_backward(gs_model, recognizer, batch).item())
+            if drawn:
+                losses.append(per_sample_backward(gs_model, recognizer, recognizer.collate(drawn)).item())
             else:  # an empty Poisson batch is still a step of the mechanism: noise only, counted
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -359,7 +363,8 @@ class SampleLevel:
 
 
     def clipped_sum(self, weights: Mapping[str, Tensor], recognizer: Recognizer, examples: Sequence[Example],
-                    account: SampleAccount, secret: Secret, release: int) -> dict[str, Tensor]:
+                    account: SampleAccount, secret: Secret, release: int,
+                    label: Optional[Callable[[Sequence[Example]], list[Example]]] = None) -> dict[str, Tensor]:
         """DP-FedSGD, the device's half: ``steps`` Poisson batches at the global ``weights`` (the
         shared entries of the train message), every utterance's gradient clipped to C (Opacus' own
         ``clip_and_accumulate``), each batch's sum projected onto the ball of radius
@@ -367,7 +372,9 @@ class SampleLevel:
         N(0, device_std^2) (stream ``dp-sgd-noise``).
         Nothing is stepped; a device whose batches are all empty builds no model at all. ``account``
         records the ``steps`` composed steps. Keys: every floating-point entry of ``weights`` (zeros
-        where nothing trains), so the reply has the global model's layout.
+        where nothing trains), so the reply has the global model's layout. ``label`` (a
+        :class:`fl.labels.Labeler`) labels each batch after its coins are drawn; a recording it leaves
+        out contributes zero.
 
         Guarantee: one utterance moves the (pre-noise) sum by at most C in each batch it is drawn
         in, each batch a z-Gaussian step once the total's noise is added (server or shares).
@@ -375,11 +382,12 @@ class SampleLevel:
         if not self.aggregated:
             raise ValueError("clipped_sum is DP-FedSGD's device half: noise=central or distributed only")
         coins = secret.stream(BATCHES, release)
-        batches = [idx for idx in (poisson_batch(len(examples), self.sample_rate, coins) for _ in range(self.steps))
-                   if idx]
+        drawn = [[examples[i] for i in poisson_batch(len(examples), self.sample_rate, coins)]
+                 for _ in range(self.steps)]  # every step's coins first, whatever the labels
+        batches = [b for b in ((label(d) if label is not None and d else d) for d in drawn) if b]
         contribution = {k: torch.zeros_like(v) for k, v in weights.items() if v.is_floating_point()}
         if batches:
-            summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, examples, batches)
+            summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, batches)
             contribution |= {k: v.to(contribution[k].dtype) for k, v in summed.items()}
         if self.device_std > 0:
             noise = gaussian_noise_like(contribution, self.device_std, secret.stream(DP_SGD_NOISE, release),
@@ -388,8 +396,8 @@ class SampleLevel:
         account.history = self.account_for(1, account).history
         return contribution
 
-    def _clip_and_sum(self, model: nn.Module, recognizer: Recognizer, examples: Sequence[Example],
-                      batches: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    def _clip_and_sum(self, model: nn.Module, recognizer: Recognizer,
+                      batches: Sequence[Sequence[Example]]) -> dict[str, Tensor]:
         """Sum over ``batches`` of the per-utterance gradients of ``model``'s trainable parameters,
         each clipped to C by Opacus' ``DPOptimizer.clip_and_accumulate`` (never stepped), every
         batch's sum projected onto the ball of radius ``sum_cap / steps`` before it is added."""
@@ -400,8 +408,8 @@ class SampleLevel:
                               max_grad_norm=self.max_grad_norm, expected_batch_size=1, loss_reduction="mean")
         gs_model.train()
         total: dict[str, Tensor] = {}
-        for idx in batches:
-            per_sample_backward(gs_model, recognizer, recognizer.collate([examples[i] for i in idx]))
+        for drawn in batches:
+            per_sample_backward(gs_model, recognizer, recognizer.collate(drawn))
             clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
             batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
             clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
