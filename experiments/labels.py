@@ -18,21 +18,18 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from experiments.inputs import build_inputs
-from experiments.simulate import CONF_DIR
-from fl.config import Config, register_configs, validate
-from fl.data.prepare import DataNotFound, check_paths
+from experiments.simulate import CONF_DIR, run_checked
+from fl.config import Config, register_configs
 from fl.metrics import scores
 from fl.model import build_recognizer
 
@@ -55,7 +52,9 @@ def quality(rows: list[dict], thresholds: tuple[float, ...] = THRESHOLDS) -> lis
     return table
 
 
-def run(cfg: Config, out_dir: Path) -> dict:
+def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
+    """Label every device's training recordings with the seed and write the report (``resolved``, the
+    composed config, is what :func:`~experiments.simulate.run_checked` passes every runner)."""
     cfg = replace(cfg, data=replace(cfg.data, drop_transcripts=False))  # the truth, to score against
     inputs = build_inputs(cfg, out_dir)
     recognizer = build_recognizer(cfg.model, cfg.train.trainable)
@@ -80,7 +79,7 @@ def run(cfg: Config, out_dir: Path) -> dict:
     return report
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict, out_dir: Path) -> None:
     table = Table(title=f"pseudo-labels of {report['recordings']} recordings ({report['teacher']}, "
                         f"{report['seconds_per_recording']:.2f} s each)")
     for column in ("threshold", "kept", "WER %", "CER %"):
@@ -89,18 +88,12 @@ def print_report(report: dict) -> None:
         pct = (lambda x: "-" if x is None else f"{100 * x:.1f}")
         table.add_row(f"{row['threshold']:g}", f"{row['kept']}/{row['of']}", pct(row["wer"]), pct(row["cer"]))
     Console().print(table)
+    Console().print(f"report: {out_dir / 'pseudo_labels.json'}; the labels: {out_dir / 'private' / 'pseudo_labels.jsonl'}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    try:
-        validate(cfg)
-        check_paths(cfg.data)
-    except (ValueError, DataNotFound) as err:
-        log.error("invalid config: %s", err)
-        sys.exit(2)
-    print_report(run(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    run_checked(dcfg, run, print_report)
 
 
 if __name__ == "__main__":

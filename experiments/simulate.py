@@ -214,8 +214,10 @@ def print_summary(summary: dict, out_dir: Path) -> None:
                   + (f"; experimenter view (not covered by DP): {out_dir}/{EXPERIMENTER_VIEW}" if sim else ""))
 
 
-def run_checked(dcfg: DictConfig, runner: Callable[[Config, Path, dict], dict]) -> None:
-    """Validate the composed config (and that its corpora exist), run, print the summary."""
+def run_checked(dcfg: DictConfig, runner: Callable[[Config, Path, dict], dict],
+                report: Callable[[dict, Path], None] | None = None) -> None:
+    """Validate the composed config (and that its corpora exist), run, print the summary (or what
+    ``report`` prints of the runner's result)."""
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     try:
         validate(cfg)
@@ -225,7 +227,7 @@ def run_checked(dcfg: DictConfig, runner: Callable[[Config, Path, dict], dict]) 
         sys.exit(2)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = runner(cfg, out_dir, OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
-    print_summary(summary, out_dir)
+    (report or print_summary)(summary, out_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
