@@ -68,6 +68,7 @@ class DeviceSettings:
     checked against before training, ``clients/policy.py``; the safe defaults unless the device's
     operator -- or a simulation's config -- says otherwise).
     ``reproducible``: derive the device's secret from ``seed`` (simulations for exact reruns only).
+    ``device``: where the device's models run (the ``device`` key: auto, cpu, cuda, cuda:N).
     """
 
     model: ModelConfig
@@ -79,6 +80,7 @@ class DeviceSettings:
     faults: Faults = Faults()
     reproducible: bool = False
     policy: DevicePolicy = field(default_factory=DevicePolicy)
+    device: str = "auto"
 
     @property
     def private(self) -> bool:
@@ -232,7 +234,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     deployed device's ``--audit-dir``; ``clients/guard.py``). ``recognizer``:
     the one the store featurises with (built from ``settings`` if not given).
     """
-    recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable)
+    recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable, settings.device)
     reference = recognizer.shared(recognizer.new_module())
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     allowed = allowed_metrics(settings.sample is not None, settings.user is not None)

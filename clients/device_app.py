@@ -38,6 +38,8 @@ MIN_USER_Z = "min-user-z"
 ALLOW_USER_NOISE = "allow-user-noise"  # placements, comma-separated
 ALLOW_SAMPLE_NOISE = "allow-sample-noise"  # placements, comma-separated
 PRIVACY_DELTA = "privacy-delta"
+DEVICE = "auto"
+"""Where a deployed device's models run: its own GPU if it has one, else its CPU (never the run's ``device``)."""
 NO_BUDGET = "none"
 """A budget's value for "no budget" (``inf`` works too)."""
 
@@ -77,15 +79,16 @@ def policy_from_node_config(node: Mapping[str, Any]) -> DevicePolicy:
 
 @lru_cache(maxsize=4)
 def _app_for(config_json: str, policy_json: str, audit_dir: Optional[str]) -> ClientApp:
-    cfg, _ = runconfig.from_run_config({runconfig.CONFIG_KEY: config_json})
+    # the run's device is the server's: this device runs on its own hardware (auto), so it is not checked here
+    cfg, _ = runconfig.from_run_config({runconfig.CONFIG_KEY: config_json}, hardware=False)
     if cfg.privacy.reproducible:
         raise PermissionError("this run asks for privacy.reproducible=true (noise derived from the config seed): "
                               "a deployed device never trains with it")
     policy = DevicePolicy(**json.loads(policy_json))  # the device's own, never the run config's privacy.device
     fed = cfg.federation
     settings = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
-                              fed.threads_per_client, policy=policy)
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+                              fed.threads_per_client, policy=policy, device=DEVICE)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, DEVICE)
     store = LocalDevice(recognizer, cfg.data.test_fraction, cfg.data.max_seconds)
     return make_client_app(settings, store, audit_dir, recognizer)
 
