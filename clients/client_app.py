@@ -74,6 +74,7 @@ class DeviceSettings:
     ``corrected_fraction``: under ``train.labels=corrections``, the chance that a recording with a
     transcript counts as the user's correction (``data.corrected_fraction`` in a simulation; 1.0 on a
     deployed device, whose transcripts are all its user's).
+    ``device``: where the device's models run (the ``device`` key: auto, cpu, cuda, cuda:N).
     """
 
     model: ModelConfig
@@ -86,6 +87,7 @@ class DeviceSettings:
     reproducible: bool = False
     policy: DevicePolicy = field(default_factory=DevicePolicy)
     corrected_fraction: float = 1.0
+    device: str = "auto"
 
     @property
     def private(self) -> bool:
@@ -252,7 +254,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     deployed device's ``--audit-dir``; ``clients/guard.py``). ``recognizer``:
     the one the store featurises with (built from ``settings`` if not given).
     """
-    recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable)
+    recognizer = recognizer or build_recognizer(settings.model, settings.train.trainable, settings.device)
     reference = recognizer.shared(recognizer.new_module())
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     allowed = allowed_metrics(settings.sample is not None, settings.user is not None)

@@ -25,7 +25,7 @@ from clients.client_app import DeviceSettings, make_client_app
 from clients.guard import coded_errors
 from clients.local import LocalDevice
 from fl import runconfig
-from fl.config import DevicePolicy
+from fl.config import DevicePolicy, resolve_device
 from fl.deploy.flower import console_logging
 from fl.model import build_recognizer
 
@@ -38,6 +38,9 @@ MIN_USER_Z = "min-user-z"
 ALLOW_USER_NOISE = "allow-user-noise"  # placements, comma-separated
 ALLOW_SAMPLE_NOISE = "allow-sample-noise"  # placements, comma-separated
 PRIVACY_DELTA = "privacy-delta"
+DEVICE = "device"
+"""Node-config key: where this device's models run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default
+``auto``, its own GPU if it has one, else its CPU). The device's choice, never the run's ``device``."""
 NO_BUDGET = "none"
 """A budget's value for "no budget" (``inf`` works too)."""
 
@@ -75,17 +78,27 @@ def policy_from_node_config(node: Mapping[str, Any]) -> DevicePolicy:
     return policy
 
 
+def device_from_node_config(node: Mapping[str, Any]) -> str:
+    """The device's own ``device`` from its node config (``auto`` when unset), checked on this machine.
+
+    Raises ``ValueError`` for a malformed spec or hardware this machine lacks."""
+    spec = str(node.get(DEVICE, "auto"))
+    resolve_device(spec)
+    return spec
+
+
 @lru_cache(maxsize=4)
-def _app_for(config_json: str, policy_json: str, audit_dir: Optional[str]) -> ClientApp:
-    cfg, _ = runconfig.from_run_config({runconfig.CONFIG_KEY: config_json})
+def _app_for(config_json: str, policy_json: str, audit_dir: Optional[str], device: str) -> ClientApp:
+    # the run's device is the server's: this device runs on its own hardware, so it is not checked here
+    cfg, _ = runconfig.from_run_config({runconfig.CONFIG_KEY: config_json}, hardware=False)
     if cfg.privacy.reproducible:
         raise PermissionError("this run asks for privacy.reproducible=true (noise derived from the config seed): "
                               "a deployed device never trains with it")
     policy = DevicePolicy(**json.loads(policy_json))  # the device's own, never the run config's privacy.device
     fed = cfg.federation
     settings = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
-                              fed.threads_per_client, policy=policy)
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+                              fed.threads_per_client, policy=policy, device=device)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, device)
     store = LocalDevice(recognizer, cfg.data.test_fraction, cfg.data.max_seconds)
     return make_client_app(settings, store, audit_dir, recognizer)
 
@@ -101,7 +114,8 @@ class DeployedClientApp(ClientApp):
             node = context.node_config
             policy = json.dumps(asdict(policy_from_node_config(node)), sort_keys=True)
             audit = str(node[AUDIT_DIR]) if AUDIT_DIR in node else None
-            inner = _app_for(str(context.run_config[runconfig.CONFIG_KEY]), policy, audit)
+            inner = _app_for(str(context.run_config[runconfig.CONFIG_KEY]), policy, audit,
+                             device_from_node_config(node))
             return inner(message, context)
 
         return coded_errors(message, handle)

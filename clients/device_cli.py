@@ -34,6 +34,7 @@ from clients.device_app import (
     ALLOW_SAMPLE_NOISE,
     ALLOW_USER_NOISE,
     AUDIT_DIR,
+    DEVICE,
     MAX_EPSILON,
     MAX_SERVER_EPSILON,
     MIN_SAMPLE_Z,
@@ -43,7 +44,7 @@ from clients.device_app import (
 )
 from clients.local import DATA_DIR, STATE_DIR, corpus_kind
 from clients.state import DeviceState
-from fl.config import SAMPLE_NOISE_PLACEMENTS, USER_NOISE_PLACEMENTS, DevicePolicy
+from fl.config import SAMPLE_NOISE_PLACEMENTS, USER_NOISE_PLACEMENTS, DevicePolicy, resolve_device
 from fl.data.readers import CorpusError, read_corpus
 from fl.deploy.flower import console_logging, flower_env, toml_string, tool
 
@@ -76,7 +77,8 @@ def policy_node_config(policy: DevicePolicy) -> list[str]:
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
     node_config = [f"{DATA_DIR}={toml_string(str(args.data.resolve()))}",
-                   f"{STATE_DIR}={toml_string(str(args.state.resolve()))}", *policy_node_config(policy_of(args))]
+                   f"{STATE_DIR}={toml_string(str(args.state.resolve()))}", f"{DEVICE}={toml_string(args.device)}",
+                   *policy_node_config(policy_of(args))]
     if args.audit_dir is not None:
         node_config.append(f"{AUDIT_DIR}={toml_string(str(args.audit_dir.resolve()))}")
     cmd = [tool("flower-supernode"), "--superlink", args.superlink, "--root-certificates", str(args.root_cert),
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the delta both budgets are stated at (default %(default)s)")
     parser.add_argument("--max-wait-time", type=float, help="give up if the SuperLink stays unreachable this long")
     parser.add_argument("--audit-dir", type=Path, help="log the shape of every reply this device sends here")
+    parser.add_argument("--device", default="auto",
+                        help="where this device's models run: auto (its GPU if torch sees one, else the CPU), cpu, "
+                             "cuda or cuda:N (default %(default)s; the run's own device setting never applies here)")
     return parser
 
 
@@ -220,6 +225,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     console_logging()
     try:
         policy = policy_of(args)
+        log.info("models run on %s (--device %s)", resolve_device(args.device), args.device)
     except ValueError as err:
         log.error("%s", err)
         sys.exit(2)

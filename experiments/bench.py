@@ -37,7 +37,9 @@
 * ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
   synthesising the corpus, featurising it with the Whisper seed's encoder, the federated run.
 
-The simulations run the real entry point in a child process; their outputs go to a temporary
+Every figure is taken on the CPU (``device``, the first field of the output: the in-process steps
+build their recognizers there and every simulation runs with ``device=cpu``); no GPU figure is
+measured here. The simulations run the real entry point in a child process; their outputs go to a temporary
 folder. ``--only`` picks figures (the 10k, demo and aggregate runs take minutes; e.g.
 ``.venv/bin/unheard-bench --only aggregate_round_seconds``).
 """
@@ -69,6 +71,8 @@ from fl.privacy.sample import SampleAccount, SampleLevel, private_step
 from server.results import read_private_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "cpu"
+"""Where every figure is taken (the ``device`` key of every simulation the bench runs)."""
 
 
 def _batch(feature_shape: tuple[int, ...], vocab: int, size: int, seconds: float, tokens: int) -> Batch:
@@ -130,7 +134,8 @@ def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[st
     """The Conformer (``model=conformer``): a batch of 16 utterances of 4 s."""
     figures = {}
     for label, cfg in (("", ModelConfig()), ("_no_dropout", ModelConfig(dropout=0.0))):
-        non_dp, dp = step_seconds(build_recognizer(cfg), conformer_batch(cfg, batch_size, seconds), repeats)
+        non_dp, dp = step_seconds(build_recognizer(cfg, device=DEVICE), conformer_batch(cfg, batch_size, seconds),
+                                  repeats)
         if not label:
             figures |= {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp}
         figures[f"dp_step_ratio{label}"] = dp / non_dp
@@ -152,7 +157,7 @@ def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
     tokens, for each selection of :data:`WHISPER_RECIPES`; ``whisper_dp_step_ratio`` is the preset's."""
     figures: dict[str, float] = {}
     for name, trainable in WHISPER_RECIPES.items():
-        recognizer = build_recognizer(ModelConfig(kind="whisper"), trainable)
+        recognizer = build_recognizer(ModelConfig(kind="whisper"), trainable, DEVICE)
         values = recognizer.select_trainable(recognizer.new_module())
         non_dp, dp = step_seconds(recognizer, whisper_batch(recognizer, batch_size), repeats)
         figures |= {f"whisper_{name}_values": values, f"whisper_{name}_non_dp_seconds": non_dp,
@@ -220,8 +225,8 @@ def secret_overhead(repeats: int) -> dict[str, float]:
     (1.3M values a step) and the Whisper preset (cached encoder outputs)."""
     figures: dict[str, float] = {}
     cfg = ModelConfig()
-    whisper = build_recognizer(ModelConfig(kind="whisper"), DEFAULT_TRAINABLE)
-    for label, recognizer, batch in (("", build_recognizer(cfg), conformer_batch(cfg, 32, 4.0)),
+    whisper = build_recognizer(ModelConfig(kind="whisper"), DEFAULT_TRAINABLE, DEVICE)
+    for label, recognizer, batch in (("", build_recognizer(cfg, device=DEVICE), conformer_batch(cfg, 32, 4.0)),
                                      ("whisper_", whisper, whisper_batch(whisper, 32))):
         chacha, mersenne = _release_seconds(recognizer, batch, repeats)
         figures |= {f"{label}release_seconds_chacha20": chacha, f"{label}release_seconds_mt19937": mersenne,
@@ -261,7 +266,7 @@ def simulate(out: Path, *overrides: str, cache: Optional[Path] = None) -> tuple[
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     if cache is not None:
         env["UNHEARD_CACHE"] = str(cache)
-    cmd = [sys.executable, "-m", "experiments.simulate", f"hydra.run.dir={out}", *overrides]
+    cmd = [sys.executable, "-m", "experiments.simulate", f"hydra.run.dir={out}", f"device={DEVICE}", *overrides]
     log = open(out.parent / f"{out.name}.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -393,7 +398,7 @@ def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
     of its fleet, drawn once -- as ONE device's one batch, in this process."""
     config = json.loads((out / "summary.json").read_text())["config"]
     final = int(config["federation"]["rounds"])
-    recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"])
+    recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"], DEVICE)
     train = TrainConfig(**config["train"])
     pool = [e for path in sorted((out / "fleet").glob("device-*.pt"))
             for e in torch.load(path, weights_only=False)["train"]]
@@ -417,6 +422,11 @@ RUNS: dict[str, Callable[[Path], Mapping[str, object]]] = {
     "aggregate_round_seconds": aggregate_round, "demo": demo}
 
 
+def run_info() -> dict[str, object]:
+    """The fields that say where the figures were taken: the device, torch's threads, the CPUs."""
+    return {"device": DEVICE, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
@@ -425,7 +435,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=figure_names, default=figure_names)
     parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
     args = parser.parse_args()
-    figures: dict[str, object] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    figures = run_info()
     with tempfile.TemporaryDirectory(prefix="unheard-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)

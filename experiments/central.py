@@ -61,7 +61,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     """Fine-tune the seed on the pooled device data; returns the summary it wrote to ``out_dir``."""
     started = time.perf_counter()
     inputs = build_inputs(cfg, out_dir)
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     model = recognizer.module_from(inputs.seed.state_dict)
     tests = device_tests(cfg, inputs)
     seed_scores = _scores(recognizer, model, inputs, tests)

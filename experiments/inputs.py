@@ -42,7 +42,7 @@ class Inputs:
 def build_inputs(cfg: Config, out_dir: Path) -> Inputs:
     """Prepare data (writing ``problems.jsonl`` to ``out_dir``), pretrain or load the seed, plant canaries."""
     torch.manual_seed(cfg.seed)
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     data = prepare_data(cfg.data, recognizer, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "problems.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in data.problems))
@@ -64,7 +64,7 @@ def run_audit(cfg: Config, inputs: Inputs, weights: dict[str, torch.Tensor], tra
     ``audit.json``, the losses behind them to ``private/audit-losses.json`` (the experimenter's own)."""
     if not cfg.audit.membership and not cfg.audit.canaries:
         return None
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     model = recognizer.module_from(weights)
     report: dict = {"devices_trained": len(trained), "devices": len(inputs.devices)}
     losses: dict = {}

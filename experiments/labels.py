@@ -57,7 +57,7 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
     composed config, is what :func:`~experiments.simulate.run_checked` passes every runner)."""
     cfg = replace(cfg, data=replace(cfg.data, drop_transcripts=False))  # the truth, to score against
     inputs = build_inputs(cfg, out_dir)
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     teacher = recognizer.module_from(inputs.seed.state_dict).eval()
     recordings = [e for d in inputs.devices.values() for e in d.train if e.text is not None]
     log.info("pseudo-labelling %d device training recordings with the seed", len(recordings))

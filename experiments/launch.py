@@ -132,7 +132,7 @@ def prepare(cfg: Config, out_dir: Path, resolved: dict) -> tuple[Path, dict[str,
         raise ConnectionError(f"cannot reach the SuperLink's operator address deploy.superlink="
                               f"{cfg.deploy.superlink} (unheard-superlink start --control-port, on its host): "
                               f"{err}") from None
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     data = prepare_server_data(cfg.data, recognizer, cfg.seed)
     seed = pretrain_seed(recognizer, cfg.model, cfg.pretrain, data.public_train, data.public_dev,
                          Path(cfg.data.cache_dir) / "models", cfg.seed)

@@ -28,12 +28,14 @@ from torch import nn
 
 from fl.config import ModelConfig
 from fl.data.audio import TARGET_SR, AudioError, load_audio
-from fl.data.features import Example, collate, featurize
+from fl.data.features import Example, featurize
 from fl.data.readers import READERS, CorpusError, read_corpus
 from fl.model import Recognizer, build_recognizer
 from fl.model.whisper_seed import SeedError
 from fl.train import evaluate
 from server.results import SUMMARY
+
+DEVICE_HELP = "where the model runs: auto (a GPU if CUDA is available, else the CPU; default), cpu, cuda, cuda:N"
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class ModelRefError(ValueError):
     """A model reference that names no usable model; the message says what was expected."""
 
 
-def _from_run(run: Path, checkpoint: Optional[Path]) -> tuple[Recognizer, nn.Module, str]:
+def _from_run(run: Path, checkpoint: Optional[Path], device: str) -> tuple[Recognizer, nn.Module, str]:
     summary_path = run / SUMMARY
     if not summary_path.is_file():
         raise ModelRefError(f"{run} has no {SUMMARY}: not a finished run folder")
@@ -50,7 +52,7 @@ def _from_run(run: Path, checkpoint: Optional[Path]) -> tuple[Recognizer, nn.Mod
     config = summary.get("config") or {}
     if "model" not in config:
         raise ModelRefError(f"{summary_path} names no model (a central run keeps no weights)")
-    recognizer = build_recognizer(ModelConfig(**config["model"]), (config.get("train") or {}).get("trainable"))
+    recognizer = build_recognizer(ModelConfig(**config["model"]), (config.get("train") or {}).get("trainable"), device)
     if checkpoint is None:
         checkpoints = sorted((run / "checkpoints").glob("round-*.pt"))
         if not checkpoints:
@@ -60,19 +62,21 @@ def _from_run(run: Path, checkpoint: Optional[Path]) -> tuple[Recognizer, nn.Mod
     return recognizer, recognizer.module_from(state), f"{run.name}/{checkpoint.name}"
 
 
-def load_model(ref: str) -> tuple[Recognizer, nn.Module, str]:
-    """The recognizer, the module with its weights, and a label, for a model reference (module docstring)."""
+def load_model(ref: str, device: str = "cpu") -> tuple[Recognizer, nn.Module, str]:
+    """The recognizer, the module with its weights, and a label, for a model reference (module
+    docstring); ``device``: where the module runs (a ``device`` spec: auto, cpu, cuda, cuda:N)."""
     if ref == "seed":
-        recognizer = build_recognizer(ModelConfig(kind="whisper"))
+        recognizer = build_recognizer(ModelConfig(kind="whisper"), device=device)
         return recognizer, recognizer.new_module(), "whisper tiny.en seed"
     path = Path(ref)
     if path.is_file() and path.suffix == ".pt" and path.parent.name == "checkpoints":
-        return _from_run(path.parent.parent, path)
+        return _from_run(path.parent.parent, path, device)
     if (path / SUMMARY).is_file():
-        return _from_run(path, None)
+        return _from_run(path, None, device)
     if (path / "config.json").is_file():
         window = json.loads((path / "config.json").read_text()).get("max_source_positions", 1500) // 50
-        recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(path), input_seconds=min(30, window)))
+        recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(path), input_seconds=min(30, window)),
+                                      device=device)
         return recognizer, recognizer.new_module(), path.name
     raise ModelRefError(f"{ref}: not 'seed', a run folder, a run's checkpoint or a Hugging Face Whisper folder")
 
@@ -105,10 +109,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="score N utterances spread evenly over the corpus (every k-th; 0: all)")
     parser.add_argument("--cache", default=".cache/features", help="feature cache folder")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recognizer, module, label = load_model(args.model)
+        recognizer, module, label = load_model(args.model, args.device)
         data = Path(args.data)
         read = read_corpus(_corpus_kind(data, args.corpus), data)
         utterances = read.utterances
@@ -140,10 +145,11 @@ def transcribe_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="unheard-transcribe", description="Print a transcript for each audio file.")
     parser.add_argument("audio", nargs="+", help="audio files (anything libsndfile reads; resampled to 16 kHz)")
     parser.add_argument("--model", default="seed", help="seed (default), a run folder, a checkpoint, or a HF folder")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recognizer, module, _ = load_model(args.model)
+        recognizer, module, _ = load_model(args.model, args.device)
     except (ModelRefError, SeedError, ValueError, OSError) as err:
         print(f"unheard-transcribe: {err}", file=sys.stderr)
         return 2
@@ -158,7 +164,8 @@ def transcribe_main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         example = Example(path, "", recognizer.features([audio])[0], torch.zeros(1, dtype=torch.long), "",
                           len(audio) / TARGET_SR)
-        out = recognizer.transcribe(module, collate([example]))
+        with recognizer.autocast():
+            out = recognizer.transcribe(module, recognizer.collate([example]))
         print(f"{path}\t{out.texts[0]}" + ("\t[runaway decoding cut]" if out.loops_cut else ""))
     return 1 if failed else 0
 

@@ -63,10 +63,13 @@ def run(cfg: Config, out_dir: Path, resolved: dict) -> dict:
 
     fed = cfg.federation
     faults = Faults(fed.crash_before_training, fed.drop_after_training, fed.slow_devices, fed.slow_seconds)
+    # the simulated devices train on the GPU share Ray gives their actors, and on the CPU without one;
+    # an actor sees only the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), as cuda:0, so "cuda", never cuda:N
     device = DeviceSettings(cfg.model, cfg.train, cfg.privacy.sample, cfg.privacy.user, cfg.seed,
                             fed.threads_per_client, faults, cfg.privacy.reproducible,
                             policy=cfg.privacy.device,  # the simulated devices' own policy (conf/config.yaml)
-                            corrected_fraction=cfg.data.corrected_fraction)
+                            corrected_fraction=cfg.data.corrected_fraction,
+                            device="cuda" if fed.gpus_per_client > 0 else "cpu")
     server = ServerSettings.from_config(cfg, resolved, str(out_dir), seed_path, str(fleet / "held_out.pt"))
     if fed.ray_address:
         log.info("attaching the simulation to the Ray cluster at %s", fed.ray_address)
@@ -96,12 +99,14 @@ def backend_config(fed: FederationConfig) -> dict:
     """Flower's Ray backend settings: each device's resources, and the Ray instance that runs them.
 
     ``fed.ray_address`` attaches to that cluster (its own resources size the actor pool); otherwise a
-    local instance starts, with ``fed.num_cpus`` CPUs when set (else all of this machine's)."""
+    local instance starts, with ``fed.num_cpus`` CPUs when set (else all of this machine's). Each
+    actor asks for ``fed.gpus_per_client`` of a GPU (0: none)."""
     # "local": a fresh Ray instance even where `ray start` left a cluster behind (Ray would join it)
     init_args: dict = {"include_dashboard": False, "address": fed.ray_address or "local"}
     if fed.ray_address is None and fed.num_cpus is not None:
         init_args["num_cpus"] = fed.num_cpus
-    return {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
+    resources = {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.gpus_per_client}
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: dict, final: dict) -> dict:
@@ -111,7 +116,7 @@ def simulation_eval(cfg: Config, fleet: str, devices: int, rounds: int, seed: di
 
     The devices are those the server's federated evaluation of the last round would ask:
     all, or ``federation.eval_devices`` of them drawn by (seed, round)."""
-    recognizer = build_recognizer(cfg.model, cfg.train.trainable)
+    recognizer = build_recognizer(cfg.model, cfg.train.trainable, cfg.device)
     chosen = evaluation_devices(range(devices), cfg.federation.eval_devices, cfg.seed, rounds)
     every = [e for pid in chosen for e in load_device(fleet, pid).test]
     tests = [e for e in every if e.text is not None]

@@ -24,8 +24,8 @@ def spec_augment(batch: Batch, generator: torch.Generator, freq_masks: int = 2, 
                  time_masks: int = 2, time_fraction: float = 0.05) -> Batch:
     """Zero random mel bands and random time spans of every utterance (within its own length)."""
     b, t, f = batch.feats.shape
-    lens = batch.feat_lens.float()
+    lens = batch.feat_lens.float().cpu()  # the masks are drawn on the CPU (the generator's device)
     freq = _band_mask(f, torch.full((b,), float(f)), torch.full((b,), float(freq_width)), freq_masks, generator)
     time = _band_mask(t, lens, (lens * time_fraction).floor(), time_masks, generator)
     keep = ~(freq[:, None, :] | time[:, :, None])
-    return replace(batch, feats=batch.feats * keep)
+    return replace(batch, feats=batch.feats * keep.to(batch.feats.device))

@@ -7,9 +7,11 @@ config or on the command line is rejected before anything runs.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 
 
@@ -66,11 +68,16 @@ class ModelConfig:
     ``input_seconds`` of audio (longer recordings are skipped).
     ``conformer``: a batch-first Conformer CTC trained from scratch (no BatchNorm, no nn.LSTM:
     Opacus-safe), shaped by the remaining fields.
+    ``autocast``: ``none``, ``bf16`` or ``fp16``: ``torch.autocast`` on the run's ``device`` for
+    inference only -- the frozen Whisper encoder's featurising, and evaluation (losses and
+    decoding). Training, per-sample gradients, clipping, noise and accounting never run under it
+    (they stay float32/float64). bf16/fp16 features are cached under their own key.
     """
 
     kind: str = "conformer"
     path: Optional[str] = None
     input_seconds: float = 10.0
+    autocast: str = "none"
     n_mels: int = 64
     d_model: int = 144
     layers: int = 4
@@ -300,7 +307,11 @@ class FederationConfig:
     simulation to a running Ray cluster (``HOST:PORT`` of its head, see docs/scale.md) instead of
     starting a local one. ``num_cpus``: the CPUs of the local Ray instance a simulation starts, so
     ``num_cpus / num_cpus_per_client`` actors (null: all of this machine's cores); ignored with
-    ``ray_address``, where the cluster's own resources count.
+    ``ray_address``, where the cluster's own resources count. ``gpus_per_client``: the share of a
+    GPU each simulated device's actor asks Ray for (``client_resources.num_gpus``; in [0, 1], so
+    floor(1 / gpus_per_client) actors share a GPU); > 0 needs ``device`` to resolve to CUDA, and
+    only then do the simulated devices train on the GPU (0: they run on the CPU, whatever
+    ``device`` says, while the server's evaluation follows ``device``).
     ``server_optimizer`` (Reddi et al. 2021): how the server turns the round's mean update (noised
     under DP) into a step -- ``fedavg`` (x += server_lr * mean; lr 1 is plain FedAvg), ``fedavgm``
     (heavy-ball momentum ``server_beta1``), ``fedadam`` or ``fedyogi`` (moments ``server_beta1``,
@@ -328,6 +339,7 @@ class FederationConfig:
     eval_devices: int = 0
     ray_address: Optional[str] = None
     num_cpus: Optional[int] = None
+    gpus_per_client: float = 0.0
     server_optimizer: Optional[str] = None
     server_lr: Optional[float] = None
     server_beta1: float = 0.9
@@ -382,10 +394,20 @@ class DeployConfig:
 
 @dataclass
 class Config:
-    """The root config of one run."""
+    """The root config of one run.
+
+    ``device``: where models run and tensors are made -- ``auto`` (a GPU when
+    ``torch.cuda.is_available()``, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; every party
+    resolves it on its own hardware (:func:`resolve_device`); a deployed device runs where ``auto``
+    puts it on its own hardware, whatever the run says (the run's ``device`` is for the launcher and
+    the server). DP noise is drawn on the CPU from the
+    party's ChaCha20 stream whatever it says; shared weights, checkpoints and cached features are
+    always CPU tensors.
+    """
 
     name: str = "default"
     seed: int = 0
+    device: str = "auto"
     resume: bool = False
     """Continue the interrupted run whose folder ``hydra.run.dir`` names, from its last committed round."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -404,7 +426,38 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+AUTOCAST_MODES = ("none", "bf16", "fp16")
+
+
+def check_device_spec(spec: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` is a well-formed ``device`` value (whatever this machine has)."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.fullmatch(spec):
+        raise ValueError(f"device={spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device ``spec`` (the ``device`` key) names on this machine.
+
+    ``auto``: ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``. Raises ``ValueError`` (the
+    config error :func:`validate` raises) for a malformed spec, for ``cuda`` without CUDA and for a
+    ``cuda:N`` this machine does not have.
+    """
+    check_device_spec(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={spec} but CUDA is not available on this machine: use device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={spec} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
 _CHOICES = {
+    "model.autocast": AUTOCAST_MODES,
     "data.partition": ("speaker", "iid", "dirichlet"),
     "privacy.name": ("none", "sample", "user", "both"),
     "privacy.user.noise": USER_NOISE_PLACEMENTS,
@@ -419,9 +472,14 @@ _CHOICES = {
 }
 
 
-def validate(cfg: Config) -> None:
-    """Reject inconsistent settings before anything runs, saying what to change."""
+def validate(cfg: Config, hardware: bool = True) -> None:
+    """Reject inconsistent settings before anything runs, saying what to change.
+
+    ``hardware``: also check that ``device`` (and ``federation.gpus_per_client``) fit this machine;
+    False where the config's models run elsewhere (a deployed device, which runs on its own hardware).
+    """
     values = {
+        "model.autocast": cfg.model.autocast,
         "data.partition": cfg.data.partition,
         "privacy.name": cfg.privacy.name,
         "privacy.user.noise": cfg.privacy.user.noise if cfg.privacy.user else "central",
@@ -480,5 +538,13 @@ def validate(cfg: Config) -> None:
     if cfg.data.drop_transcripts and (cfg.audit.membership or cfg.audit.canaries):
         raise ValueError("the leakage audit scores training recordings against their transcripts: it cannot run "
                          "with data.drop_transcripts=true")
+    check_device_spec(cfg.device)
+    if not 0.0 <= fed.gpus_per_client <= 1.0:
+        raise ValueError(f"federation.gpus_per_client={fed.gpus_per_client} is a share of one GPU, in [0, 1]")
+    device = resolve_device(cfg.device) if hardware else None
+    if device is not None and fed.gpus_per_client > 0 and device.type != "cuda":
+        raise ValueError(f"federation.gpus_per_client={fed.gpus_per_client} needs a GPU, but device={cfg.device} "
+                         f"resolves to {device.type} here: set federation.gpus_per_client=0 (or device=cuda on a "
+                         "machine with CUDA)")
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

@@ -50,13 +50,15 @@ def pseudo_label(recognizer: Recognizer, teacher: nn.Module, examples: Sequence[
     at least ``threshold`` and whose text is not empty, in their order.
 
     Each recording is decoded alone (a batch of one), so its label never depends on which other
-    recordings the device holds, not even through padding or floating-point batching."""
+    recordings the device holds, not even through padding or floating-point batching. Decoding runs
+    under ``model.autocast`` (:meth:`~fl.model.Recognizer.autocast`), like every inference."""
     was_training = teacher.training
     teacher.eval()
     kept: list[Example] = []
     try:
         for e in examples:
-            (text, score), = recognizer.transcribe_with_confidence(teacher, recognizer.collate([e]))
+            with recognizer.autocast():  # decoding only (``model.autocast``); the labels' training stays float32
+                (text, score), = recognizer.transcribe_with_confidence(teacher, recognizer.collate([e]))
             if not (score >= threshold and text.strip()):
                 continue
             try:

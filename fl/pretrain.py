@@ -35,8 +35,15 @@ class SeedModel:
 
 
 def _key(recognizer: Recognizer, model: ModelConfig, cfg: PretrainConfig, seed: int, train: Sequence[Example]) -> str:
-    h = hashlib.sha256(json.dumps([asdict(model), asdict(cfg), seed, recognizer.feature_key, recognizer.trainable],
-                                  sort_keys=True).encode())
+    """The seed checkpoint's cache key. ``model.autocast`` (it only changes the stored dev score) and a
+    non-CPU device (other rounding) count only when set, so a CPU run's key is what it always was."""
+    settings = asdict(model)
+    if model.autocast == "none":
+        del settings["autocast"]
+    parts: list = [settings, asdict(cfg), seed, recognizer.feature_key, recognizer.trainable]
+    if recognizer.device.type != "cpu":
+        parts.append(recognizer.device.type)
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
     for e in train:
         h.update(e.id.encode())
     return h.hexdigest()[:16]

@@ -26,12 +26,15 @@ def to_run_config(resolved: Mapping[str, Any], **paths: str) -> dict[str, str]:
     return {CONFIG_KEY: json.dumps(resolved, sort_keys=True), **paths}
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, dict[str, Any]]:
-    """The typed, validated config of a run and its resolved dict (as the launcher composed it)."""
+def from_run_config(run_config: Mapping[str, Any], hardware: bool = True) -> tuple[Config, dict[str, Any]]:
+    """The typed, validated config of a run and its resolved dict (as the launcher composed it).
+
+    ``hardware``: check ``device`` against this machine too (:func:`~fl.config.validate`); a device,
+    which runs on its own hardware whatever the run's ``device`` says, passes False."""
     if CONFIG_KEY not in run_config:
         raise KeyError(f"run config has no {CONFIG_KEY!r}: start runs with unheard-launch, not bare flwr run")
     resolved = json.loads(str(run_config[CONFIG_KEY]))
     merged = OmegaConf.merge(OmegaConf.structured(Config), resolved)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    validate(cfg, hardware)
     return cfg, resolved

@@ -117,8 +117,8 @@ def _batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Exam
 @torch.no_grad()
 def evaluate(recognizer: Recognizer, model: nn.Module, examples: Sequence[Example], batch_size: int = 16
              ) -> EvalResult:
-    """Mean loss and corpus WER/CER of greedy decoding over ``examples`` (in eval mode); every example
-    needs its reference transcript."""
+    """Mean loss and corpus WER/CER of greedy decoding over ``examples`` (in eval mode, under
+    ``model.autocast``: :meth:`Recognizer.autocast`); every example needs its reference transcript."""
     if not examples:
         raise ValueError("cannot evaluate on an empty set")
     unlabelled = sum(e.text is None for e in examples)
@@ -131,8 +131,9 @@ def evaluate(recognizer: Recognizer, model: nn.Module, examples: Sequence[Exampl
     try:
         for chunk in _batches(examples, batch_size):
             batch = recognizer.collate(chunk)
-            loss_sum += float(recognizer.losses(model, batch).sum())
-            out = recognizer.transcribe(model, batch)
+            with recognizer.autocast():
+                loss_sum += float(recognizer.losses(model, batch).sum())
+                out = recognizer.transcribe(model, batch)
             hyps += out.texts
             loops += out.loops_cut
             refs += [e.text for e in chunk]
@@ -145,13 +146,14 @@ def evaluate(recognizer: Recognizer, model: nn.Module, examples: Sequence[Exampl
 @torch.no_grad()
 def utterance_losses(recognizer: Recognizer, model: nn.Module, examples: Sequence[Example], batch_size: int = 16
                      ) -> dict[str, float]:
-    """Each example's loss per target token under ``model`` (eval mode), by example id."""
+    """Each example's loss per target token under ``model`` (eval mode, under ``model.autocast``), by example id."""
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     try:
         for chunk in _batches(examples, batch_size):
-            losses = recognizer.losses(model, recognizer.collate(chunk))
+            with recognizer.autocast():
+                losses = recognizer.losses(model, recognizer.collate(chunk))
             out.update((e.id, float(v)) for e, v in zip(chunk, losses))
     finally:
         model.train(was_training)

@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from fl.config import Config
 from fl.privacy.randomness import Secret, private_dir
 
 PRIVATE, STATE, SECRET = "private", "server-state.pt", "server-secret"
-NOT_COMPARED = ("resume",)
-"""Config keys a resumed run may change: everything else must match the interrupted run."""
+NOT_COMPARED = ("resume", "device", "federation.gpus_per_client")
+"""Dotted config keys a resumed run may change: whether to resume, and where the models run (a run
+interrupted on one machine may continue on another; the mechanism, its noise streams and its
+accounting do not depend on the device). Everything else must match the interrupted run."""
 
 
 @dataclass
@@ -114,21 +118,31 @@ def load(out_dir: Path) -> Optional[ServerState]:
     return ServerState(**torch.load(path, weights_only=False))
 
 
-def mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Dotted config keys whose values differ between the interrupted run and this one."""
+def mismatch(saved: dict[str, Any], now: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """Dotted config keys whose values differ between the interrupted run and this one.
+
+    A key the interrupted run's config lacks (it was saved before the key existed) matches when this
+    run leaves it at its schema default in ``defaults``: that default is what the old run did."""
     out: list[str] = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, default: Any, prefix: str) -> None:
+        if prefix.rstrip(".") in NOT_COMPARED:
+            return
         if isinstance(a, dict) and isinstance(b, dict):
+            default = default if isinstance(default, dict) else {}
             for k in sorted(set(a) | set(b)):
-                if not prefix and k in NOT_COMPARED:
-                    continue
-                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+                missing = k not in a and k in default
+                walk(default[k] if missing else a.get(k), b.get(k), default.get(k), f"{prefix}{k}.")
         elif a != b:
             out.append(prefix.rstrip("."))
 
-    walk(saved, now, "")
+    walk(saved, now, defaults or {}, "")
     return out
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Every config key at its schema default (``fl.config.Config``), as a plain dict (interpolations unresolved)."""
+    return OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
 
 
 def resumable(out_dir: Path, config: dict[str, Any]) -> ServerState:
@@ -137,7 +151,7 @@ def resumable(out_dir: Path, config: dict[str, Any]) -> ServerState:
     if state is None:
         raise ValueError(f"resume=true but {state_path(out_dir)} does not exist: point hydra.run.dir at the "
                          "interrupted run's folder")
-    changed = mismatch(state.config, config)
+    changed = mismatch(state.config, config, schema_defaults())
     if changed:
         raise ValueError(f"resume=true but the config differs from the interrupted run's in {', '.join(changed)}")
     return state

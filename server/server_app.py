@@ -71,6 +71,8 @@ class ServerSettings:
     resume: bool = False
     federation: FederationConfig = field(default_factory=FederationConfig)
     """The server optimizer (``server_optimizer``, ``server_lr``, ...) and ``eval_every``."""
+    device: str = "auto"
+    """Where the server's model evaluates (the ``device`` key); aggregation and noise stay on the CPU."""
 
     @classmethod
     def from_config(cls, cfg: Config, resolved: dict[str, Any], out_dir: str, initial_weights: str,
@@ -83,7 +85,7 @@ class ServerSettings:
             initial_weights=initial_weights, eval_examples=eval_examples, config=resolved, sampling=fed.sampling,
             sample=cfg.privacy.sample, user=cfg.privacy.user, max_epsilon=cfg.privacy.max_epsilon,
             reproducible=cfg.privacy.reproducible, device_eval_every=fed.device_eval_every,
-            eval_devices=fed.eval_devices, resume=cfg.resume, federation=fed,
+            eval_devices=fed.eval_devices, resume=cfg.resume, federation=fed, device=cfg.device,
         )
 
     @property
@@ -152,7 +154,7 @@ def run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
 def _run_server(grid: Grid, s: ServerSettings) -> list[RoundRow]:
     out = Path(s.out_dir)
     resumed = checkpoint.resumable(out, s.config) if s.resume else None
-    recognizer = build_recognizer(s.model, s.train.trainable)
+    recognizer = build_recognizer(s.model, s.train.trainable, s.device)
     model = recognizer.module_from(torch.load(s.initial_weights, weights_only=False)["state_dict"])
     eval_set = torch.load(s.eval_examples, weights_only=False)
     arrays = ArrayRecord(recognizer.shared(model))

@@ -269,7 +269,7 @@ def test_a_deployed_device_ignores_the_run_configs_device_policy(tmp_path, monke
     seen = {}
     monkeypatch.setattr(device_app, "make_client_app", lambda settings, *a, **k: seen.setdefault("s", settings))
     own = json.dumps(asdict(policy_from_node_config({})), sort_keys=True)
-    device_app._app_for(json.dumps(OmegaConf.to_container(cfg, resolve=True)), own, None)
+    device_app._app_for(json.dumps(OmegaConf.to_container(cfg, resolve=True)), own, None, "cpu")
     assert seen["s"].policy == DevicePolicy() != DevicePolicy.permissive()
 
 

@@ -98,7 +98,7 @@ def test_a_deployed_device_refuses_to_train_in_a_reproducible_run(tmp_path, monk
     built = {}
     monkeypatch.setattr(device_app, "make_client_app", lambda settings, *a, **k: built.setdefault("app", settings))
     own = json.dumps(asdict(policy_from_node_config({})), sort_keys=True)
-    device_app._app_for(_run_config(tmp_path, reproducible=False)[runconfig.CONFIG_KEY], own, None)
+    device_app._app_for(_run_config(tmp_path, reproducible=False)[runconfig.CONFIG_KEY], own, None, "cpu")
     assert "app" in built
     with pytest.raises(PermissionError, match="privacy.reproducible=true"):
-        device_app._app_for(_run_config(tmp_path, reproducible=True)[runconfig.CONFIG_KEY], own, None)
+        device_app._app_for(_run_config(tmp_path, reproducible=True)[runconfig.CONFIG_KEY], own, None, "cpu")

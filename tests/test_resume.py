@@ -110,6 +110,21 @@ def test_config_mismatch_names_the_keys_and_resume_is_exempt():
         "seed", "train.lr"]
 
 
+def test_resume_tolerates_keys_added_since_and_where_the_models_run():
+    """A run saved before a key existed resumes when the key is left at its default, and the
+    device may change (a run interrupted on one machine continues on another); nothing else may."""
+    now = checkpoint.schema_defaults()
+    saved = {k: v for k, v in now.items() if k != "device"}
+    saved["model"] = {k: v for k, v in now["model"].items() if k != "autocast"}
+    saved["federation"] = {k: v for k, v in now["federation"].items() if k != "gpus_per_client"}
+    assert checkpoint.mismatch(saved, now, now) == []
+    moved = {**now, "device": "cuda", "federation": {**now["federation"], "gpus_per_client": 0.25}}
+    assert checkpoint.mismatch(now, moved, now) == []
+    changed = {**now, "model": {**now["model"], "autocast": "bf16"}}
+    assert checkpoint.mismatch(saved, changed, now) == ["model.autocast"]
+    assert checkpoint.mismatch(saved, now, None) == ["model.autocast"]  # no defaults: a new key differs
+
+
 def _kill_mid_round_2(out: Path, cache: Path) -> None:
     """Start the simulation, SIGKILL its whole process group once a device has trained in round 2."""
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -136,6 +136,10 @@ class Batch:
     targets: torch.Tensor  # [B, L] int64, zero-padded
     target_lens: torch.Tensor  # [B]
     seconds: torch.Tensor  # [B] float: each example's audio length
+
+    def to(self, device: torch.device) -> "Batch":
+        """This batch on ``device`` (the same tensors where they are there already)."""
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def collate(examples: Sequence[Example]) -> Batch:

@@ -6,12 +6,19 @@ transcription of a batch (with a confidence score, for pseudo-labels), the selec
 weights into what the federation shares (travels, is averaged, is checkpointed) and what every
 party loads itself from the seed. DP-SGD, DP-FedAvg, evaluation, the audit and pretraining are
 written against this contract, never against one model.
+
+A recognizer also owns where its modules run: the ``device`` key (resolved by
+:func:`fl.config.resolve_device` in the process that uses it, so a pickled recognizer resolves it
+again in a simulation's actor). Modules and batches live there; what leaves a module -- its
+features and its shared weights -- is always on the CPU, so files and messages are the same
+whatever the device. ``model.autocast`` applies to inference only (:meth:`Recognizer.autocast`).
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
@@ -19,8 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl.config import ModelConfig
+from fl.config import ModelConfig, resolve_device
 from fl.data.features import Batch, Example, collate
+
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``model.autocast`` -> the dtype of ``torch.autocast`` (None: no autocast)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class Recognizer(ABC):
     the server, every simulated device and every evaluation of a run."""
 
     kind: str
+    cfg: ModelConfig
+    device_spec: str
+    """The ``device`` key this recognizer's modules and batches run on (resolved where it is used)."""
     pretrained: bool
     """True: the seed comes pretrained (no central pretraining on public speakers)."""
     trainable: str
@@ -52,23 +65,38 @@ class Recognizer(ABC):
         """The longest audio the model takes; longer recordings are skipped with a reason."""
         return float("inf")
 
+    @property
+    def device(self) -> torch.device:
+        """The torch device :attr:`device_spec` resolves to in this process."""
+        return resolve_device(self.device_spec)
+
+    def autocast(self) -> AbstractContextManager:
+        """``torch.autocast`` at ``model.autocast`` on :attr:`device`, or nothing (``none``).
+
+        For inference only: featurising with a frozen encoder, evaluation and decoding. No training
+        path (plain steps, DP-SGD, DP-FedSGD's clipped sums) enters it, so per-sample gradients,
+        clipping and noise keep their float32/float64 arithmetic.
+        """
+        dtype = AUTOCAST_DTYPES[self.cfg.autocast]
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
     @abstractmethod
     def features(self, audio: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Model input for each 16 kHz waveform, as stored in :class:`Example` (``[frames, ...]``)."""
+        """Model input for each 16 kHz waveform, as stored in :class:`Example` (``[frames, ...]``), on the CPU."""
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Target token ids of a transcript (what :attr:`Example.tokens` holds)."""
 
     def collate(self, examples: Sequence[Example]) -> Batch:
-        """Zero-pad ``examples`` into one batch."""
-        return collate(examples)
+        """Zero-pad ``examples`` into one batch on :attr:`device`."""
+        return collate(examples).to(self.device)
 
     # -- the model --------------------------------------------------------------------------------
     @abstractmethod
     def new_module(self) -> nn.Module:
-        """A fresh copy of the seed architecture (pretrained weights where the family has them), with
-        :attr:`trainable` applied to ``requires_grad``."""
+        """A fresh copy of the seed architecture (pretrained weights where the family has them) on
+        :attr:`device`, with :attr:`trainable` applied to ``requires_grad``."""
 
     @abstractmethod
     def losses(self, module: nn.Module, batch: Batch) -> torch.Tensor:
@@ -113,12 +141,14 @@ class Recognizer(ABC):
         """The weights the federation shares: sent to devices, updated, averaged, checkpointed.
 
         Default: the whole state. Families with a pinned pretrained seed share only the trainable
-        parameters; the frozen rest is loaded by every party from that seed.
+        parameters; the frozen rest is loaded by every party from that seed. Always CPU tensors (the
+        module's own on the CPU, copies from any other device): they travel and are saved.
         """
-        return {k: v.detach() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def load_shared(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-        """Load shared weights into ``module`` (exactly the keys of :meth:`shared`); returns it."""
+        """Load shared weights into ``module`` (exactly the keys of :meth:`shared`, copied onto the
+        module's device); returns it."""
         expected = set(self.shared(module))
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -132,13 +162,15 @@ class Recognizer(ABC):
         return self.load_shared(self.new_module(), state)
 
 
-def build_recognizer(cfg: ModelConfig, trainable: Optional[str] = None) -> Recognizer:
-    """The recognizer ``cfg.kind`` names; ``trainable`` (``train.trainable``) overrides its default selection."""
+def build_recognizer(cfg: ModelConfig, trainable: Optional[str] = None, device: str = "cpu") -> Recognizer:
+    """The recognizer ``cfg.kind`` names; ``trainable`` (``train.trainable``) overrides its default selection;
+    ``device``: the run's ``device`` key (checked here, resolved again wherever the recognizer is used)."""
+    resolve_device(device)
     # imported here: the Whisper family pulls in transformers, which a Conformer run never needs
     if cfg.kind == "conformer":
         from fl.model.conformer import ConformerRecognizer
-        return ConformerRecognizer(cfg, trainable)
+        return ConformerRecognizer(cfg, trainable, device)
     if cfg.kind == "whisper":
         from fl.model.whisper import WhisperRecognizer
-        return WhisperRecognizer(cfg, trainable)
+        return WhisperRecognizer(cfg, trainable, device)
     raise ValueError(f"model.kind must be 'conformer' or 'whisper', not {cfg.kind!r}")

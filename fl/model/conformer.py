@@ -164,9 +164,10 @@ class ConformerRecognizer(Recognizer):
     kind = "conformer"
     pretrained = False
 
-    def __init__(self, cfg: ModelConfig, trainable: Optional[str] = None) -> None:
+    def __init__(self, cfg: ModelConfig, trainable: Optional[str] = None, device: str = "cpu") -> None:
         self.cfg = cfg
         self.trainable = trainable or "."
+        self.device_spec = device
         self.tokenizer = CharTokenizer()
         self._logmel = LogMel(cfg.n_mels)
 
@@ -183,7 +184,7 @@ class ConformerRecognizer(Recognizer):
     def new_module(self) -> ConformerCTC:
         module = ConformerCTC(self.cfg, self.tokenizer.vocab_size)
         self.select_trainable(module)
-        return module
+        return module.to(self.device)
 
     def losses(self, module: nn.Module, batch: Batch) -> torch.Tensor:
         """Per-example CTC loss, normalised by transcript length: ``[B]``."""

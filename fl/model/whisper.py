@@ -80,9 +80,10 @@ class WhisperRecognizer(Recognizer):
     kind = "whisper"
     pretrained = True
 
-    def __init__(self, cfg: ModelConfig, trainable: Optional[str] = None) -> None:
+    def __init__(self, cfg: ModelConfig, trainable: Optional[str] = None, device: str = "cpu") -> None:
         self.cfg = cfg
         self.trainable = trainable or DEFAULT_TRAINABLE
+        self.device_spec = device
         self.seed = load_seed(cfg.path)
         full = self.seed.config
         seconds = int(cfg.input_seconds)
@@ -108,8 +109,9 @@ class WhisperRecognizer(Recognizer):
     def __reduce__(self) -> tuple:
         """Pickled as its settings, a few hundred bytes instead of the seed's weights and the model
         template (150-300 MB for tiny.en): a simulation ships the ClientApp, which holds the
-        recognizer, with every message, and unpickling that much took 1-2 s a message."""
-        return (_restored, (self.cfg, self.trainable))
+        recognizer, with every message, and unpickling that much took 1-2 s a message. The device
+        travels as its spec, resolved again in the process that unpickles it."""
+        return (_restored, (self.cfg, self.trainable, self.device_spec))
 
     def _token(self, text: str) -> int:
         i = self.tokenizer.token_to_id(text)
@@ -128,7 +130,12 @@ class WhisperRecognizer(Recognizer):
     @property
     def feature_key(self) -> str:
         kind = "encoder" if self.cached_encoder else "logmel"
-        return f"whisper-{kind}-v1:{self.seed.fingerprint}:{self.cfg.input_seconds!r}"
+        # encoder outputs computed elsewhere than on the CPU, or under autocast, are other values (other
+        # kernels, other rounding): their own cache, so a CPU run never reads a GPU's features; the CPU
+        # in float32 keeps the old key
+        where = "" if not self.cached_encoder or self.device.type == "cpu" else f":{self.device.type}"
+        precision = f":{self.cfg.autocast}" if self.cached_encoder and self.cfg.autocast != "none" else ""
+        return f"whisper-{kind}-v1:{self.seed.fingerprint}:{self.cfg.input_seconds!r}{where}{precision}"
 
     # -- audio and text -----------------------------------------------------------------------------
     def log_mel(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
@@ -138,8 +145,9 @@ class WhisperRecognizer(Recognizer):
 
     @torch.no_grad()
     def features(self, audio: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """The frozen encoder's outputs ``[positions, d_model]`` (cached encoder) or the log-mel
-        ``[frames, mels]`` (the encoder trains)."""
+        """The frozen encoder's outputs ``[positions, d_model]`` (cached encoder; run on the device,
+        under ``model.autocast``, returned as float32 on the CPU) or the log-mel ``[frames, mels]``
+        (the encoder trains)."""
         if not audio:
             return []
         mel = self.log_mel(audio)
@@ -147,7 +155,9 @@ class WhisperRecognizer(Recognizer):
             return list(mel.transpose(1, 2))
         if self._encoder is None:
             self._encoder = self.new_module().model.encoder.eval()
-        return list(self._encoder(mel).last_hidden_state)
+        with self.autocast():
+            states = self._encoder(mel.to(self.device)).last_hidden_state
+        return list(states.float().cpu())
 
     def encode(self, text: str) -> list[int]:
         """Transcript tokens (after a leading space, as Whisper writes text) and end-of-text."""
@@ -168,7 +178,7 @@ class WhisperRecognizer(Recognizer):
                 raise SeedError(f"the seed does not fill the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
             module.tie_weights()
             self.select_trainable(module)
-            self._template = module.eval()
+            self._template = module.to(self.device).eval()
         # Only what trains is copied: the frozen parameters and the buffers are the template's own
         # tensors, shared by every module of this recognizer (nothing writes them: ``load_shared``
         # loads trainable values only and every optimizer takes ``requires_grad`` parameters only).
@@ -178,16 +188,18 @@ class WhisperRecognizer(Recognizer):
         return copy.deepcopy(self._template, shared)
 
     def shared(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Only the trainable parameters: the frozen rest is the pinned seed's, loaded by every party."""
+        """Only the trainable parameters: the frozen rest is the pinned seed's, loaded by every party.
+        CPU tensors, as :meth:`Recognizer.shared` says."""
         inner = getattr(module, "_module", module)  # under Opacus
-        return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu() for n, p in inner.named_parameters() if p.requires_grad}
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder states, decoder input ids ``[B, P + L - 1]`` and label mask/ids for teacher forcing."""
         b, length = batch.targets.shape
-        prompt = torch.tensor(self.prompt).expand(b, -1)
+        device = batch.targets.device
+        prompt = torch.tensor(self.prompt, device=device).expand(b, -1)
         tokens = batch.targets.clone()
-        valid = torch.arange(length)[None, :] < batch.target_lens[:, None]
+        valid = torch.arange(length, device=device)[None, :] < batch.target_lens[:, None]
         tokens[~valid] = self.eot
         decoder_ids = torch.cat([prompt, tokens[:, :-1]], dim=1)
         return decoder_ids, tokens, valid
@@ -250,14 +262,16 @@ class WhisperRecognizer(Recognizer):
         b = states.shape[0]
         room = self.config.max_target_positions - len(self.prompt)
         caps = [min(room, math.ceil(s * TOKENS_PER_SECOND) + SLACK_TOKENS) for s in batch.seconds.tolist()]
-        suppress = torch.tensor(sorted(set(self.seed.suppress) | set(range(self.sot, self.config.vocab_size))))
-        begin = torch.tensor(sorted(set(self.seed.suppress_begin) | {self.eot}))
+        device = states.device
+        suppress = torch.tensor(sorted(set(self.seed.suppress) | set(range(self.sot, self.config.vocab_size))),
+                                device=device)
+        begin = torch.tensor(sorted(set(self.seed.suppress_begin) | {self.eot}), device=device)
         hyps: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         cut_rows = [False] * b
         logp = [0.0] * b
         steps = [0] * b
-        ids = torch.tensor(self.prompt).expand(b, -1)
+        ids = torch.tensor(self.prompt, device=device).expand(b, -1)
         past = None
         encoder_outputs = BaseModelOutput(last_hidden_state=states)
         for step in range(max(caps)):
@@ -305,13 +319,14 @@ class WhisperRecognizer(Recognizer):
         return out
 
 
-_RESTORED: dict[tuple[Optional[str], float, str], WhisperRecognizer] = {}
+_RESTORED: dict[tuple[Optional[str], float, str, str, str], WhisperRecognizer] = {}
 
 
-def _restored(cfg: ModelConfig, trainable: str) -> WhisperRecognizer:
-    """What an unpickled recognizer is: this process' one instance for (seed, window, selection),
-    built the first time from the seed this process loads (and, for the wheel, checks) itself."""
-    key = (cfg.path, cfg.input_seconds, trainable)
+def _restored(cfg: ModelConfig, trainable: str, device: str) -> WhisperRecognizer:
+    """What an unpickled recognizer is: this process' one instance for (seed, window, selection,
+    autocast, device), built the first time from the seed this process loads (and, for the wheel,
+    checks) itself."""
+    key = (cfg.path, cfg.input_seconds, trainable, cfg.autocast, device)
     if key not in _RESTORED:
-        _RESTORED[key] = WhisperRecognizer(cfg, trainable)
+        _RESTORED[key] = WhisperRecognizer(cfg, trainable, device)
     return _RESTORED[key]

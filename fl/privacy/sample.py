@@ -355,7 +355,7 @@ class SampleLevel:
                 losses.append(per_sample_backward(gs_model, recognizer, recognizer.collate(drawn)).item())
             else:  # an empty Poisson batch is still a step of the mechanism: noise only, counted
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
         account.history = self.account_for(1, account).history
         gs_model.to_standard_module()
@@ -388,7 +388,7 @@ class SampleLevel:
         contribution = {k: torch.zeros_like(v) for k, v in weights.items() if v.is_floating_point()}
         if batches:
             summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, batches)
-            contribution |= {k: v.to(contribution[k].dtype) for k, v in summed.items()}
+            contribution |= {k: v.to(contribution[k]) for k, v in summed.items()}  # the weights' dtype, on the CPU
         if self.device_std > 0:
             noise = gaussian_noise_like(contribution, self.device_std, secret.stream(DP_SGD_NOISE, release),
                                         self.secure_mode)
