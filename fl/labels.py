@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from fl.config import TrainConfig
+from fl.config import LABEL_SOURCES, TrainConfig
 from fl.data.features import Example
 from fl.data.text import TextError
 from fl.model import Recognizer
@@ -90,8 +90,8 @@ class Labeler:
 
     def __init__(self, train: TrainConfig, recognizer: Recognizer, teacher: Callable[[], nn.Module], secret: Secret,
                  corrected_fraction: float) -> None:
-        if train.labels not in ("transcripts", "pseudo", "corrections"):
-            raise ValueError(f"train.labels={train.labels!r} is not one of transcripts, pseudo, corrections")
+        if train.labels not in LABEL_SOURCES:
+            raise ValueError(f"train.labels={train.labels!r} is not one of {', '.join(LABEL_SOURCES)}")
         self.train, self.recognizer, self.secret = train, recognizer, secret
         self.corrected_fraction = corrected_fraction
         self._build_teacher = teacher
