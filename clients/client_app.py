@@ -199,7 +199,8 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     teacher = (lambda: recognizer.new_module()) if seed_teacher else (lambda: _model(recognizer, msg))
     label = Labeler(settings.train, recognizer, teacher, secret, settings.corrected_fraction)
     # dropout masks and plain batches: not DP draws (no guarantee rests on their secrecy), so torch's
-    # generator is fine here; every DP draw below comes from the secret's ChaCha20 streams
+    # generators are fine here (on a GPU this seeds CUDA's too, for dropout alone); every DP draw below
+    # comes from the secret's ChaCha20 streams, drawn on the CPU and moved to the device
     torch.manual_seed(int.from_bytes(secret.stream_key(TRAINING, plan.index)[:8], "big"))
     metrics: dict[str, float | int] = {}
     if sample is not None and sample.aggregated:  # DP-FedSGD: the clipped sum goes out, the noise on the total

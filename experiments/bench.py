@@ -36,11 +36,19 @@
   featurising happens before the first round, so it is never in a timed round.
 * ``demo_seconds``: wall time of ``make demo``'s job (``unheard-simulate``) with an empty cache:
   synthesising the corpus, featurising it with the Whisper seed's encoder, the federated run.
+* ``featurise_utterances_per_second``: the frozen Whisper encoder's rate on chunks of 16 waveforms
+  (``fl/data/features.py``'s chunk), as the feature cache is filled; on a GPU also under bf16
+  autocast (``featurise_bf16_utterances_per_second``) where the GPU has bfloat16.
 
-Every figure is taken on the CPU (``device``, the first field of the output: the in-process steps
-build their recognizers there and every simulation runs with ``device=cpu``); no GPU figure is
-measured here. The simulations run the real entry point in a child process; their outputs go to a temporary
-folder. ``--only`` picks figures (the 10k, demo and aggregate runs take minutes; e.g.
+``--device`` (default ``cpu``) says where every figure is taken: the in-process steps build their
+recognizers there (timed with ``torch.cuda.synchronize`` on a GPU) and every simulation runs with
+that ``device``; on CUDA each simulated device's actor asks for ``--gpus-per-client`` of the GPU
+(default 1 / the CPUs, so every actor the CPUs allow shares the one GPU), and the Whisper DP step
+reports ``whisper_dp_step_cuda_peak_gb`` (the peak memory torch allocated for the preset's model
+and its DP steps: one actor's share of the sizing rule, docs/scale.md, before the CUDA context).
+The output's first fields (:meth:`Placement.info`) name the device (the GPU's name and memory on
+CUDA). Nothing here has been run on a GPU yet. The simulations run the real entry point in a child
+process; their outputs go to a temporary folder. ``--only`` picks figures (the 10k, demo and aggregate runs take minutes; e.g.
 ``.venv/bin/unheard-bench --only aggregate_round_seconds``).
 """
 
@@ -55,14 +63,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+import numpy as np
 import torch
 
 from clients.state import DeviceState
-from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig
+from fl.config import ModelConfig, SamplePrivacyConfig, TrainConfig, resolve_device
 from fl.data.features import Batch
 from fl.model import Recognizer, build_recognizer
 from fl.model.whisper import DEFAULT_TRAINABLE
@@ -71,8 +80,50 @@ from fl.privacy.sample import SampleAccount, SampleLevel, private_step
 from server.results import read_private_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE = "cpu"
-"""Where every figure is taken (the ``device`` key of every simulation the bench runs)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the bench measures: the ``device`` key of its in-process steps and of every simulation it
+    runs, and, on CUDA, the share of the GPU each simulated device's actor asks Ray for."""
+
+    device: str = "cpu"
+    gpus_per_client: Optional[float] = None
+    """None: 1 / this machine's CPUs on CUDA (ignored on the CPU)."""
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def share(self) -> float:
+        """The GPU share of a simulated device's actor (0 on the CPU)."""
+        if not self.cuda:
+            return 0.0
+        return self.gpus_per_client if self.gpus_per_client is not None else 1.0 / max(1, os.cpu_count() or 1)
+
+    def overrides(self) -> list[str]:
+        """The simulation overrides that put its server and its devices here."""
+        return [f"device={self.device}", f"federation.gpus_per_client={self.share}"]
+
+    def sync(self) -> None:
+        """Wait for the GPU's queued work (a timer must not stop before it ends); nothing on the CPU."""
+        if self.cuda:
+            torch.cuda.synchronize(self.torch_device)
+
+    def info(self) -> dict[str, object]:
+        """The fields that say where the figures were taken: the device, torch's threads, the CPUs (and
+        on CUDA the GPU's name, its memory and the actors' share of it)."""
+        info: dict[str, object] = {"device": str(self.torch_device), "threads": torch.get_num_threads(),
+                                   "cpus": os.cpu_count()}
+        if self.cuda:
+            props = torch.cuda.get_device_properties(self.torch_device)
+            info |= {"gpu": props.name, "gpu_memory_gb": props.total_memory / 1024**3, "gpus_per_client": self.share}
+        return info
 
 
 def _batch(feature_shape: tuple[int, ...], vocab: int, size: int, seconds: float, tokens: int) -> Batch:
@@ -97,17 +148,21 @@ def whisper_batch(recognizer: Recognizer, size: int, seconds: float = 4.0, token
     return replace(batch, targets=torch.cat([batch.targets[:, :-1], torch.full((size, 1), recognizer.eot)], 1))  # type: ignore
 
 
-def _time(step: Callable[[], object], warmup: int, repeats: int) -> float:
+def _time(step: Callable[[], object], warmup: int, repeats: int, where: Placement = Placement()) -> float:
     for _ in range(warmup):
         step()
+    where.sync()
     started = time.perf_counter()
     for _ in range(repeats):
         step()
+    where.sync()
     return (time.perf_counter() - started) / repeats
 
 
-def step_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[float, float]:
-    """Seconds per non-private AdamW step and per DP-SGD step (the production one) on ``batch``."""
+def step_seconds(recognizer: Recognizer, batch: Batch, repeats: int, where: Placement) -> tuple[float, float]:
+    """Seconds per non-private AdamW step and per DP-SGD step (the production one) on ``batch``
+    (moved to the recognizer's device)."""
+    batch = batch.to(recognizer.device)
     torch.manual_seed(0)
     model = recognizer.new_module().train()
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -125,17 +180,17 @@ def step_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[fl
     # alternate the two so that a slow spell of the machine hits both alike
     non_dp = dp = 0.0
     for _ in range(2):
-        non_dp += _time(plain, 2, repeats) / 2
-        dp += _time(lambda: private_step(gsm, dp_opt, recognizer, batch), 2, repeats) / 2
+        non_dp += _time(plain, 2, repeats, where) / 2
+        dp += _time(lambda: private_step(gsm, dp_opt, recognizer, batch), 2, repeats, where) / 2
     return non_dp, dp
 
 
-def dp_step(repeats: int, batch_size: int = 16, seconds: float = 4.0) -> dict[str, float]:
+def dp_step(repeats: int, where: Placement, batch_size: int = 16, seconds: float = 4.0) -> dict[str, float]:
     """The Conformer (``model=conformer``): a batch of 16 utterances of 4 s."""
     figures = {}
     for label, cfg in (("", ModelConfig()), ("_no_dropout", ModelConfig(dropout=0.0))):
-        non_dp, dp = step_seconds(build_recognizer(cfg, device=DEVICE), conformer_batch(cfg, batch_size, seconds),
-                                  repeats)
+        non_dp, dp = step_seconds(build_recognizer(cfg, device=where.device),
+                                  conformer_batch(cfg, batch_size, seconds), repeats, where)
         if not label:
             figures |= {"non_dp_seconds_per_step": non_dp, "dp_seconds_per_step": dp}
         figures[f"dp_step_ratio{label}"] = dp / non_dp
@@ -152,17 +207,40 @@ WHISPER_RECIPES = {
 """Trainable selections compared for the Whisper recipe (the preset, ``fl/model/whisper.py``, first)."""
 
 
-def whisper_dp_step(repeats: int, batch_size: int = 8) -> dict[str, float]:
+def whisper_dp_step(repeats: int, where: Placement, batch_size: int = 8) -> dict[str, float]:
     """Whisper tiny.en with cached encoder outputs (10 s window), a batch of 8 utterances of 16
-    tokens, for each selection of :data:`WHISPER_RECIPES`; ``whisper_dp_step_ratio`` is the preset's."""
+    tokens, for each selection of :data:`WHISPER_RECIPES`; ``whisper_dp_step_ratio`` is the preset's
+    (and on CUDA ``whisper_dp_step_cuda_peak_gb`` the peak memory its steps allocated)."""
     figures: dict[str, float] = {}
     for name, trainable in WHISPER_RECIPES.items():
-        recognizer = build_recognizer(ModelConfig(kind="whisper"), trainable, DEVICE)
+        recognizer = build_recognizer(ModelConfig(kind="whisper"), trainable, where.device)
         values = recognizer.select_trainable(recognizer.new_module())
-        non_dp, dp = step_seconds(recognizer, whisper_batch(recognizer, batch_size), repeats)
+        if where.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(where.torch_device)
+        non_dp, dp = step_seconds(recognizer, whisper_batch(recognizer, batch_size), repeats, where)
         figures |= {f"whisper_{name}_values": values, f"whisper_{name}_non_dp_seconds": non_dp,
                     f"whisper_{name}_dp_seconds": dp, f"whisper_{name}_dp_step_ratio": dp / non_dp}
+        if where.cuda and trainable == DEFAULT_TRAINABLE:
+            figures["whisper_dp_step_cuda_peak_gb"] = torch.cuda.max_memory_allocated(where.torch_device) / 1024**3
     figures["whisper_dp_step_ratio"] = figures["whisper_decoder_biases_and_norms_dp_step_ratio"]
+    return figures
+
+
+def featurise(repeats: int, where: Placement, chunk: int = 16, seconds: float = 4.0,
+              model: ModelConfig = ModelConfig(kind="whisper")) -> dict[str, float]:
+    """Utterances per second through the frozen encoder of ``model`` (the Whisper seed), in chunks of
+    ``chunk`` waveforms of ``seconds`` of noise (the encoder pads each to its window, so the content
+    costs nothing); on CUDA also under bf16 autocast, where the GPU has bfloat16."""
+    audio = [np.random.default_rng(i).standard_normal(int(seconds * 16_000)).astype(np.float32) * 0.1
+             for i in range(chunk)]
+    modes = ["none"] + (["bf16"] if where.cuda and torch.cuda.is_bf16_supported() else [])
+    figures: dict[str, float] = {}
+    for mode in modes:
+        recognizer = build_recognizer(replace(model, autocast=mode), DEFAULT_TRAINABLE, where.device)
+        label = "" if mode == "none" else f"_{mode}"
+        figures[f"featurise{label}_utterances_per_second"] = chunk / _time(lambda: recognizer.features(audio),
+                                                                          1, repeats, where)
     return figures
 
 
@@ -177,7 +255,7 @@ class _MersenneStream(Stream):
         self.generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "big"))
 
     def gaussian(self, shape, std, dtype=torch.float32, device="cpu", secure=False):  # type: ignore[no-untyped-def]
-        return torch.normal(0.0, std, tuple(shape), generator=self.generator).to(dtype)
+        return torch.normal(0.0, std, tuple(shape), generator=self.generator).to(dtype=dtype, device=device)
 
 
 class _MersenneSecret(Secret):
@@ -185,7 +263,7 @@ class _MersenneSecret(Secret):
         return _MersenneStream(self.stream_key(purpose, *index))
 
 
-def _release_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tuple[float, float]:
+def _release_seconds(recognizer: Recognizer, batch: Batch, repeats: int, where: Placement) -> tuple[float, float]:
     """Seconds of one device's training release (privacy=both, local noise: 2 DP-SGD steps at q =
     0.25 of 32 utterances, then the user-level share), with ChaCha20 streams and with MT19937's."""
     from fl.data.features import Example
@@ -214,21 +292,20 @@ def _release_seconds(recognizer: Recognizer, batch: Batch, repeats: int) -> tupl
     for i in range(max(1, repeats)):
         pair = (("chacha", chacha), ("mersenne", mersenne))
         for name, s in pair if i % 2 == 0 else pair[::-1]:  # alternate the order
-            started = time.perf_counter()
-            release(s)
-            times[name] += time.perf_counter() - started
+            times[name] += _time(lambda: release(s), 0, 1, where)
     return times["chacha"] / repeats, times["mersenne"] / repeats
 
 
-def secret_overhead(repeats: int) -> dict[str, float]:
+def secret_overhead(repeats: int, where: Placement) -> dict[str, float]:
     """A release's cost with ChaCha20 draws over the same with torch's MT19937, the Conformer
     (1.3M values a step) and the Whisper preset (cached encoder outputs)."""
     figures: dict[str, float] = {}
     cfg = ModelConfig()
-    whisper = build_recognizer(ModelConfig(kind="whisper"), DEFAULT_TRAINABLE, DEVICE)
-    for label, recognizer, batch in (("", build_recognizer(cfg, device=DEVICE), conformer_batch(cfg, 32, 4.0)),
+    whisper = build_recognizer(ModelConfig(kind="whisper"), DEFAULT_TRAINABLE, where.device)
+    conformer = build_recognizer(cfg, device=where.device)
+    for label, recognizer, batch in (("", conformer, conformer_batch(cfg, 32, 4.0)),
                                      ("whisper_", whisper, whisper_batch(whisper, 32))):
-        chacha, mersenne = _release_seconds(recognizer, batch, repeats)
+        chacha, mersenne = _release_seconds(recognizer, batch, repeats, where)
         figures |= {f"{label}release_seconds_chacha20": chacha, f"{label}release_seconds_mt19937": mersenne,
                     f"{label}secret_overhead": chacha / mersenne}
     return figures
@@ -258,15 +335,16 @@ def _tree_pss(root: int) -> dict[str, int]:
     return out
 
 
-def simulate(out: Path, *overrides: str, cache: Optional[Path] = None) -> tuple[float, float]:
-    """Run ``unheard-simulate`` into ``out``; returns (wall seconds, peak PSS of its process tree in GB).
+def simulate(out: Path, where: Placement, *overrides: str, cache: Optional[Path] = None) -> tuple[float, float]:
+    """Run ``unheard-simulate`` into ``out``, placed ``where`` (its ``device`` and GPU share);
+    returns (wall seconds, peak PSS of its process tree in GB).
 
     The processes at the peak and their PSS are written to ``<out>.peak.json``.
     """
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     if cache is not None:
         env["UNHEARD_CACHE"] = str(cache)
-    cmd = [sys.executable, "-m", "experiments.simulate", f"hydra.run.dir={out}", f"device={DEVICE}", *overrides]
+    cmd = [sys.executable, "-m", "experiments.simulate", f"hydra.run.dir={out}", *where.overrides(), *overrides]
     log = open(out.parent / f"{out.name}.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -292,11 +370,11 @@ def simulate(out: Path, *overrides: str, cache: Optional[Path] = None) -> tuple[
     return seconds, peak / 1024**2
 
 
-def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
+def sim_overhead(work: Path, where: Placement, rounds: int = 3) -> dict[str, float]:
     """Rounds of 16 devices; the figures pool every round but the last (which adds the final
     federated evaluation, a once-per-run cost)."""
     out = work / "overhead"
-    simulate(out, "model=conformer", "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
+    simulate(out, where, "model=conformer", "data.partition=iid", "data.num_devices=16", "federation.clients_per_round=16",
              "federation.sampling=fixed", f"federation.rounds={rounds}", "federation.device_eval_every=0")
     rows = read_private_rounds(out)[1:-1]  # round wall times: the experimenter's private figures under DP
     config = json.loads((out / "summary.json").read_text())["config"]["federation"]
@@ -310,9 +388,9 @@ def sim_overhead(work: Path, rounds: int = 3) -> dict[str, float]:
             "sim_overhead": 1.0 - device / (actors * wall)}
 
 
-def rss_10k(work: Path) -> dict[str, float]:
+def rss_10k(work: Path, where: Placement) -> dict[str, float]:
     """A population of 10,000 devices (two utterances each), a cohort of 50, one round."""
-    seconds, peak = simulate(work / "pop10k", "model=conformer", "data.private_speakers=104",
+    seconds, peak = simulate(work / "pop10k", where, "model=conformer", "data.private_speakers=104",
                              "data.private_utterances=200", "data.eval_utterances=160", "data.partition=iid",
                              "data.num_devices=10000",
                              "federation.clients_per_round=50", "federation.sampling=fixed", "federation.rounds=1",
@@ -320,23 +398,23 @@ def rss_10k(work: Path) -> dict[str, float]:
     return {"rss_gb_10k": peak, "seconds_10k": seconds}
 
 
-def demo(work: Path) -> dict[str, float]:
+def demo(work: Path, where: Placement) -> dict[str, float]:
     """`make demo`'s job from an empty cache (the venv already installed)."""
     cache = work / "cold-cache"
-    seconds, peak = simulate(work / "demo", cache=cache)
+    seconds, peak = simulate(work / "demo", where, cache=cache)
     return {"demo_seconds": seconds, "demo_peak_gb": peak}
 
 
-def whisper_round(work: Path) -> dict[str, float]:
+def whisper_round(work: Path, where: Placement) -> dict[str, float]:
     """One round of 8 devices x 8 DP-SGD steps of the Whisper preset (features cached by a first run)."""
     args = ("data.private_speakers=12", "data.eval_speakers=4", "data.eval_utterances=80", "federation.rounds=1",
             "federation.sampling=fixed", "train.local_steps=8", "privacy=sample")
     cache = work / "whisper-cache"
-    simulate(work / "whisper-warm", *args, "federation.clients_per_round=1", cache=cache)
-    seconds, peak = simulate(work / "whisper-round", *args, "federation.clients_per_round=8", cache=cache)
+    simulate(work / "whisper-warm", where, *args, "federation.clients_per_round=1", cache=cache)
+    seconds, peak = simulate(work / "whisper-round", where, *args, "federation.clients_per_round=8", cache=cache)
     row = read_private_rounds(work / "whisper-round")[-1]
     # the same round on devices without transcripts, each pseudo-labelling what its batches draw
-    simulate(work / "whisper-pseudo", *args, "federation.clients_per_round=8", "data.drop_transcripts=true",
+    simulate(work / "whisper-pseudo", where, *args, "federation.clients_per_round=8", "data.drop_transcripts=true",
              "train.labels=pseudo", "train.pseudo_threshold=-inf", cache=cache)
     pseudo = read_private_rounds(work / "whisper-pseudo")[-1]
     labelled, unlabelled = (_device_seconds(work / run, {1}) for run in ("whisper-round", "whisper-pseudo"))
@@ -351,7 +429,7 @@ def _speechocean762() -> Path:
     return Path(os.environ.get("UNHEARD_DATA", ROOT / ".." / "shared" / "data")) / "speechocean762"
 
 
-def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
+def aggregate_round(work: Path, where: Placement, rounds: int = 3, extra: tuple[str, ...] = (),
                     cache: Optional[Path] = None, repeats: int = 3) -> Mapping[str, object]:
     """DP-FedSGD (``experiment=private_gain``): the wall seconds of a round that is not scored, over
     the seconds of ``SampleLevel.clipped_sum`` on the same expected number of example gradients as
@@ -362,10 +440,10 @@ def aggregate_round(work: Path, rounds: int = 3, extra: tuple[str, ...] = (),
     if not (corpus / "train").is_dir() or not (corpus / "dev").is_dir():
         return {"aggregate_round_skipped": f"no speechocean762 corpus at {corpus} (set UNHEARD_DATA)"}
     out = work / "aggregate-round"
-    seconds, peak = simulate(out, "experiment=private_gain", f"federation.rounds={rounds}",
+    seconds, peak = simulate(out, where, "experiment=private_gain", f"federation.rounds={rounds}",
                              "privacy.sample.target_epsilon=null", "privacy.sample.noise_multiplier=0.7",
                              "audit.membership=false", "audit.canaries=0", *extra, cache=cache)
-    return aggregate_figures(out, repeats) | {"aggregate_run_seconds": seconds, "aggregate_peak_gb": peak}
+    return aggregate_figures(out, where, repeats) | {"aggregate_run_seconds": seconds, "aggregate_peak_gb": peak}
 
 
 def _device_seconds(out: Path, rounds: set[int]) -> float:
@@ -375,7 +453,7 @@ def _device_seconds(out: Path, rounds: set[int]) -> float:
                for entry in DeviceState(state).rounds() if entry["round"] in rounds)
 
 
-def aggregate_figures(out: Path, repeats: int = 3) -> dict[str, float]:
+def aggregate_figures(out: Path, where: Placement = Placement(), repeats: int = 3) -> dict[str, float]:
     """The figures of the finished DP-FedSGD run ``out``: its unscored rounds against the bare compute."""
     config = json.loads((out / "summary.json").read_text())["config"]
     final = int(config["federation"]["rounds"])
@@ -383,7 +461,7 @@ def aggregate_figures(out: Path, repeats: int = 3) -> dict[str, float]:
     if not rows:
         raise RuntimeError(f"{out}: no unscored round to time (federation.rounds={final}; needs >= 2)")
     sim = sum(r["seconds"] for r in rows) / len(rows)
-    bare = aggregate_bare(out, repeats)
+    bare = aggregate_bare(out, where, repeats)
     return {"aggregate_round_seconds": sim, **bare,
             "aggregate_round_ratio": sim / bare["aggregate_bare_seconds"],
             "aggregate_device_seconds": _device_seconds(out, {r["round"] for r in rows}) / len(rows),
@@ -391,14 +469,14 @@ def aggregate_figures(out: Path, repeats: int = 3) -> dict[str, float]:
             "aggregate_cohort": int(config["federation"]["clients_per_round"]), "aggregate_rounds_timed": len(rows)}
 
 
-def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
+def aggregate_bare(out: Path, where: Placement = Placement(), repeats: int = 3) -> dict[str, float]:
     """Seconds of ``SampleLevel.clipped_sum`` (the run ``out``'s mechanism and recognizer, its last
     model's shared weights, as a train message carries them: the model is built inside, once) on the
     example gradients one of its rounds draws in expectation -- q x the pooled training recordings
     of its fleet, drawn once -- as ONE device's one batch, in this process."""
     config = json.loads((out / "summary.json").read_text())["config"]
     final = int(config["federation"]["rounds"])
-    recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"], DEVICE)
+    recognizer = build_recognizer(ModelConfig(**config["model"]), config["train"]["trainable"], where.device)
     train = TrainConfig(**config["train"])
     pool = [e for path in sorted((out / "fleet").glob("device-*.pt"))
             for e in torch.load(path, weights_only=False)["train"]]
@@ -411,40 +489,43 @@ def aggregate_bare(out: Path, repeats: int = 3) -> dict[str, float]:
     torch.manual_seed(0)
     weights = torch.load(out / "checkpoints" / f"round-{final:03d}.pt", weights_only=False)["state_dict"]
     seconds = _time(lambda: one_batch.clipped_sum(weights, recognizer, examples, SampleAccount(), secret, 0),
-                    1, repeats)
+                    1, repeats, where)
     return {"aggregate_bare_seconds": seconds, "aggregate_bare_examples": size,
             "aggregate_pooled_recordings": len(pool), "aggregate_sample_rate": level.sample_rate,
             "aggregate_steps": level.steps}
 
 
-RUNS: dict[str, Callable[[Path], Mapping[str, object]]] = {
+STEPS: dict[str, Callable[[int, Placement], Mapping[str, object]]] = {
+    "dp_step": dp_step, "whisper_dp_step": whisper_dp_step, "secret_overhead": secret_overhead,
+    "featurise": featurise}
+"""The in-process figures (``--repeats`` each)."""
+RUNS: dict[str, Callable[[Path, Placement], Mapping[str, object]]] = {
     "sim_overhead": sim_overhead, "rss_10k": rss_10k, "whisper_round": whisper_round,
     "aggregate_round_seconds": aggregate_round, "demo": demo}
-
-
-def run_info() -> dict[str, object]:
-    """The fields that say where the figures were taken: the device, torch's threads, the CPUs."""
-    return {"device": DEVICE, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+"""The figures taken from simulations (into ``--work``)."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--repeats", type=int, default=5)
-    figure_names = ["dp_step", "whisper_dp_step", "secret_overhead", *RUNS]
+    figure_names = [*STEPS, *RUNS]
     parser.add_argument("--only", nargs="+", choices=figure_names, default=figure_names)
     parser.add_argument("--work", help="folder for the simulations' outputs (default: a temporary one)")
+    parser.add_argument("--device", default="cpu", help="where every figure is taken: cpu (default), auto, cuda, cuda:N")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="on CUDA, the GPU share of each simulated device's actor (default: 1 / the CPUs)")
     args = parser.parse_args()
-    figures = run_info()
+    where = Placement(args.device, args.gpus_per_client)
+    try:
+        figures = where.info()
+    except ValueError as err:  # a device this machine lacks: the config error, before anything runs
+        parser.error(str(err))
     with tempfile.TemporaryDirectory(prefix="unheard-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.only:
-            steps = {"dp_step": dp_step, "whisper_dp_step": whisper_dp_step, "secret_overhead": secret_overhead}
-            if name in steps:
-                figures |= steps[name](args.repeats)
-            else:
-                figures |= RUNS[name](work)
+            figures |= STEPS[name](args.repeats, where) if name in STEPS else RUNS[name](work, where)
             Path(args.out).write_text(json.dumps(figures, indent=2))  # keep what is measured so far
     for k, v in figures.items():
         print(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}")

@@ -398,9 +398,9 @@ class Config:
 
     ``device``: where models run and tensors are made -- ``auto`` (a GPU when
     ``torch.cuda.is_available()``, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; every party
-    resolves it on its own hardware (:func:`resolve_device`); a deployed device runs where ``auto``
-    puts it on its own hardware, whatever the run says (the run's ``device`` is for the launcher and
-    the server). DP noise is drawn on the CPU from the
+    resolves it on its own hardware (:func:`resolve_device`); a deployed device runs where its own
+    ``unheard-device --device`` says (default ``auto``), whatever the run says (the run's ``device``
+    is for the launcher and the server). DP noise is drawn on the CPU from the
     party's ChaCha20 stream whatever it says; shared weights, checkpoints and cached features are
     always CPU tensors.
     """
@@ -546,5 +546,9 @@ def validate(cfg: Config, hardware: bool = True) -> None:
         raise ValueError(f"federation.gpus_per_client={fed.gpus_per_client} needs a GPU, but device={cfg.device} "
                          f"resolves to {device.type} here: set federation.gpus_per_client=0 (or device=cuda on a "
                          "machine with CUDA)")
+    if device is not None and device.type == "cuda" and cfg.model.autocast == "bf16" \
+            and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"model.autocast=bf16 but the GPU of device={cfg.device} has no bfloat16 support: "
+                         "use model.autocast=fp16 or none")
     if cfg.audit.canaries and cfg.audit.canary_references < 1:
         raise ValueError("audit.canaries needs audit.canary_references >= 1 to rank them against")

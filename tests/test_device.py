@@ -9,7 +9,9 @@ per-sample gradients, clipping and noise stay float32 from the ChaCha20 stream."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import fl.model.whisper_seed as S
-from experiments.bench import run_info
+from experiments.bench import Placement, featurise, main as bench_main
 from experiments.simulate import CONF_DIR, backend_config
 from fl.config import Config, FederationConfig, TrainConfig, register_configs, resolve_device, validate
 from fl.model import build_recognizer
@@ -76,6 +78,18 @@ def test_a_cuda_index_the_machine_lacks_is_a_config_error(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"device=cuda:1 but this machine has 1 CUDA device\(s\)"):
         resolve_device("cuda:1")
+
+
+def test_bf16_autocast_on_a_gpu_without_bfloat16_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    supported = {"bf16": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported["bf16"])
+    with pytest.raises(ValueError, match="model.autocast=bf16 but the GPU of device=cuda has no bfloat16 support"):
+        validate(typed("device=cuda", "model.autocast=bf16"))
+    validate(typed("device=cuda", "model.autocast=fp16"))  # fp16 needs nothing more
+    supported["bf16"] = True
+    validate(typed("device=cuda", "model.autocast=bf16"))
 
 
 @pytest.mark.parametrize("spec", ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda1", "cpu:0", "", " auto"])
@@ -142,7 +156,38 @@ def test_the_model_tools_take_the_device_and_refuse_cuda_without_it(no_cuda, mai
 
 
 def test_the_bench_says_it_measured_on_the_cpu():
-    assert run_info()["device"] == "cpu"
+    where = Placement()
+    assert where.info()["device"] == "cpu" and "gpu" not in where.info()
+    assert where.overrides() == ["device=cpu", "federation.gpus_per_client=0.0"]
+
+
+def test_the_bench_on_a_gpu_gives_every_simulated_device_a_share_of_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert Placement("cuda").overrides() == ["device=cuda", f"federation.gpus_per_client={1 / 16}"]
+    assert Placement("cuda:0", 0.25).overrides() == ["device=cuda:0", "federation.gpus_per_client=0.25"]
+    assert Placement("cpu", 0.25).share == 0.0  # a share only on CUDA
+
+
+def test_the_bench_refuses_a_gpu_the_machine_lacks_before_measuring(no_cuda, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["unheard-bench", "--device", "cuda", "--only", "dp_step"])
+    with pytest.raises(SystemExit) as exit_:
+        bench_main()
+    assert exit_.value.code == 2 and "device=cuda but CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_featurising_rate_is_the_frozen_encoders(small_whisper, monkeypatch):
+    """The figure times ``Recognizer.features`` on chunks of waveforms (a small Whisper stands in for
+    the seed: the figure's arithmetic, not its value, is tested here)."""
+    from fl.model.whisper import WhisperRecognizer
+
+    calls = []
+    original = WhisperRecognizer.features
+    monkeypatch.setattr(WhisperRecognizer, "features", lambda self, audio: calls.append(len(audio)) or original(self, audio))
+    figures = featurise(2, Placement(), chunk=3, seconds=1.0, model=_whisper_cfg(small_whisper))
+    assert set(figures) == {"featurise_utterances_per_second"} and figures["featurise_utterances_per_second"] > 0
+    assert calls == [3, 3, 3]  # one warm-up and two timed chunks of 3
 
 
 # -- what leaves a module is on the CPU ------------------------------------------------------------------
