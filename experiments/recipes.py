@@ -48,11 +48,17 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--cache", default=".cache")
     parser.add_argument("--model-path", help="a Hugging Face Whisper folder (default: the pinned tiny.en)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs: cpu (default, as measured), auto, cuda, cuda:N")
     args = parser.parse_args()
     started = time.perf_counter()
     corpus = build_embedded_corpus(Path(args.cache) / "embedded", n_public=0, n_private=12, public_utterances=0,
                                    private_utterances=40, seed=0, shift=0.5)
-    recognizer = build_recognizer(ModelConfig(kind="whisper", path=args.model_path), RECIPES[args.recipe])
+    try:
+        recognizer = build_recognizer(ModelConfig(kind="whisper", path=args.model_path), RECIPES[args.recipe],
+                                      args.device)
+    except ValueError as err:  # a device this machine lacks
+        parser.error(str(err))
     examples = featurize(corpus.private, recognizer, Path(args.cache) / "features").examples
     speakers = sorted({e.speaker for e in examples})
     held_out = [e for e in examples if e.speaker in speakers[:4]][:80]
