@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import fl.model.whisper_seed as S
-from experiments.bench import Placement, featurise, main as bench_main
+from experiments.bench import main as bench_main
+from experiments.bench_steps import Placement, featurise
 from experiments.simulate import CONF_DIR, backend_config
 from fl.config import Config, FederationConfig, TrainConfig, register_configs, resolve_device, validate
 from fl.model import build_recognizer
