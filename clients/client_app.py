@@ -42,7 +42,7 @@ from fl.labels import Labeler
 from fl.model import Recognizer, build_recognizer
 from fl.privacy.gaussian import model_delta
 from fl.privacy.randomness import TRAINING
-from fl.privacy.sample import SampleAccount, SampleLevel
+from fl.privacy.sample import ClippingModule, SampleAccount, SampleLevel
 from fl.privacy.user import UserRound
 from fl.train import evaluate, plain_round
 
@@ -141,7 +141,9 @@ def _decline(state: DeviceState, msg: Message, key: int, server_round: int, refu
 
 
 def _train(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore,
-           recognizer: Recognizer) -> Message:
+           recognizer: Recognizer, clipping: Optional[ClippingModule] = None) -> Message:
+    """One train message. ``clipping``: the process's DP-FedSGD module (reused across messages; a
+    fresh one if not given)."""
     started = time.perf_counter()
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])  # type: ignore[arg-type]
@@ -164,13 +166,15 @@ def _train(settings: DeviceSettings, msg: Message, context: Context, store: Devi
         return _declined(msg, P.DECLINED_NO_TRANSCRIPTS)
     settings.faults.before_training(context, settings.seed, server_round)
     with state.locked():
-        return _release(settings, msg, context, store, recognizer, state, device, sample, user, started)
+        return _release(settings, msg, context, store, clipping or ClippingModule.of(recognizer), state, device, sample,
+                        user, started)
 
 
-def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, recognizer: Recognizer,
+def _release(settings: DeviceSettings, msg: Message, context: Context, store: DeviceStore, clipping: ClippingModule,
              state: DeviceState, device: DeviceData, sample: Optional[SampleLevel], user: Optional[UserRound],
              started: float) -> Message:
     """Plan, check the budgets, train, privatise and commit one release under the state folder's lock."""
+    recognizer = clipping.recognizer
     config = msg.content[P.CONFIG]
     server_round = int(config[P.ROUND])  # type: ignore[arg-type]
     this_round = round_key(server_round, msg.content[P.ARRAYS], str(config.get(P.RUN_NONCE, "")))
@@ -205,7 +209,7 @@ def _release(settings: DeviceSettings, msg: Message, context: Context, store: De
     metrics: dict[str, float | int] = {}
     if sample is not None and sample.aggregated:  # DP-FedSGD: the clipped sum goes out, the noise on the total
         assert account is not None
-        update = sample.clipped_sum(msg.content[P.ARRAYS].to_torch_state_dict(), recognizer, device.train, account,
+        update = sample.clipped_sum(msg.content[P.ARRAYS].to_torch_state_dict(), clipping, device.train, account,
                                     secret, plan.index, label)
         metrics |= sample.echo()
     else:
@@ -260,6 +264,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     shapes = {k: tuple(v.shape) for k, v in reference.items()}
     allowed = allowed_metrics(settings.sample is not None, settings.user is not None)
     guard = outbound_guard(shapes, allowed, audit_dir)
+    clipping = ClippingModule.of(recognizer)  # DP-FedSGD's wrapped module: built at the first clipped sum, then reused
     if settings.secure:
         # SecAgg+ wraps training; the clear-text guard checks the update before it is masked
         app = ClientApp()
@@ -271,7 +276,7 @@ def make_client_app(settings: DeviceSettings, store: DeviceStore, audit_dir: Opt
     @app.train(mods=train_mods)
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(settings.threads)
-        return _train(settings, msg, context, store, recognizer)
+        return _train(settings, msg, context, store, recognizer, clipping)
 
     @app.query(mods=evaluate_mods)
     def query(msg: Message, context: Context) -> Message:

@@ -13,7 +13,7 @@ from fl import protocol as P
 from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig
 from fl.privacy.accounting import sample_level_epsilon
 from fl.privacy.randomness import BATCHES, Secret
-from fl.privacy.sample import SampleAccount, SampleLevel, poisson_batch
+from fl.privacy.sample import ClippingModule, SampleAccount, SampleLevel, poisson_batch
 from tests.conftest import TINY, OneDevice, fake_examples, tiny_global, train_message
 
 KEY = Secret(bytes(range(32)))
@@ -53,7 +53,7 @@ def test_the_device_sends_the_sum_of_its_clipped_per_utterance_gradients(conform
     weights = tiny_global().to_torch_state_dict()
     before = {k: v.clone() for k, v in weights.items()}
     account = SampleAccount()
-    got = level.clipped_sum(weights, conformer, examples, account, KEY, release=4)
+    got = level.clipped_sum(weights, ClippingModule(conformer), examples, account, KEY, release=4)
     assert all(torch.equal(before[k], v) for k, v in weights.items())  # nothing is stepped
     model = conformer.module_from(weights)
     oracle_model = conformer.module_from(tiny_global().to_torch_state_dict())
@@ -71,13 +71,56 @@ def test_each_batch_is_projected_before_the_batches_are_added(conformer):
     ``steps`` composed steps), not the projection of their sum."""
     level = SampleLevel(1.0, 1.0, 0.6, 3, noise="central", expected_batch=8.0, sum_cap=0.3)
     examples = fake_examples(6)
-    got = level.clipped_sum(tiny_global().to_torch_state_dict(), conformer, examples, SampleAccount(), KEY, 2)
+    got = level.clipped_sum(tiny_global().to_torch_state_dict(), ClippingModule(conformer), examples, SampleAccount(),
+                            KEY, 2)
     want = per_example_clipped_sum(conformer, conformer.module_from(tiny_global().to_torch_state_dict()),
                                    examples, level, KEY, 2)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6)
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in got.values()))
     assert 0.1 < norm <= 0.3 + 1e-6  # more than one batch's share, within the cap
+
+
+def test_one_clipping_module_serves_many_devices_as_fresh_ones_would(conformer):
+    """A simulation actor reuses one wrapped module for every device it serves: each device's sum must
+    be what a fresh module gives at that device's weights -- breaks if the shared weights are not
+    reloaded, or if a per-sample buffer (grad_sample, summed_grad, activations an interrupted call
+    left) from one device reaches the next."""
+    level = fedsgd(c=0.05, q=0.5, steps=2)
+    shared = ClippingModule(conformer)
+    a = tiny_global().to_torch_state_dict()
+    b = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in a.items()}
+    devices = [(a, fake_examples(5), Secret(bytes([1]) * 32)), (b, fake_examples(7), Secret(bytes([2]) * 32)),
+               (a, fake_examples(4), Secret(bytes([3]) * 32))]
+    for weights, examples, secret in devices:
+        fresh = level.clipped_sum(weights, ClippingModule(conformer), examples, SampleAccount(), secret, 1)
+        reused = level.clipped_sum(weights, shared, examples, SampleAccount(), secret, 1)
+        for k in fresh:
+            assert torch.equal(reused[k], fresh[k]), k
+        # a device whose call fails after its forward (activations captured, no backward) ...
+        gs = shared._at(weights)
+        conformer.losses(gs, conformer.collate(examples[:2]))
+        assert any(getattr(m, "activations", None) for m in gs.modules())
+        for p in gs.parameters():
+            if p.requires_grad:
+                p.grad_sample = torch.ones((2, *p.shape))
+    # ... leaves nothing for the next device
+    after = level.clipped_sum(a, shared, devices[0][1], SampleAccount(), devices[0][2], 1)
+    first = level.clipped_sum(a, ClippingModule(conformer), devices[0][1], SampleAccount(), devices[0][2], 1)
+    for k in first:
+        assert torch.equal(after[k], first[k]), k
+
+
+def test_a_shipped_clipping_module_is_the_processs_own(conformer):
+    """A simulation unpickles the ClientApp for every message: its clipping module must come back as the
+    process's one module for that recognizer, wrapped model included, not as a new one to wrap again."""
+    module = ClippingModule.of(conformer)
+    assert ClippingModule.of(conformer) is module
+    fedsgd(q=1.0).clipped_sum(tiny_global().to_torch_state_dict(), module, fake_examples(2), SampleAccount(), KEY, 0)
+    wrapped = module._wrapped
+    assert wrapped is not None
+    rebuild, args = module.__reduce__()
+    assert rebuild(*args) is module and module._wrapped is wrapped
 
 
 def test_a_device_sum_is_projected_onto_the_cap_on_both_sides(conformer):
@@ -108,7 +151,7 @@ def test_distributed_shares_sum_to_the_accounted_noise_at_the_threshold(conforme
     level = fedsgd(noise="distributed", z=1.0, c=1.0, steps=2, secure_threshold=4)
     assert level.device_std == pytest.approx(level.total_std / 2.0)
     weights = tiny_global().to_torch_state_dict()
-    shares = [level.clipped_sum(weights, conformer, [], SampleAccount(), Secret(bytes([d]) * 32), 0)
+    shares = [level.clipped_sum(weights, ClippingModule(conformer), [], SampleAccount(), Secret(bytes([d]) * 32), 0)
               for d in range(4)]
     total = torch.cat([torch.cat([s[k].flatten() for k in sorted(s)]) for s in [
         {k: sum(s[k] for s in shares) for k in shares[0]}]])

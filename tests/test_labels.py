@@ -20,7 +20,7 @@ from fl.labels import Labeler, is_corrected, pseudo_label
 from fl.model import build_recognizer
 from fl.model.conformer import ConformerCTC
 from fl.privacy.randomness import BATCHES, Secret
-from fl.privacy.sample import SampleAccount, SampleLevel, poisson_batch
+from fl.privacy.sample import ClippingModule, SampleAccount, SampleLevel, poisson_batch
 from fl.train import evaluate
 from tests.conftest import TINY, OneDevice, fake_examples, tiny_global, train_message
 from tests.test_readers import write_tone
@@ -112,7 +112,8 @@ def test_only_the_drawn_recordings_are_labelled_and_labels_never_move_a_coin(con
         calls: list[list[str]] = []
         labeler = Labeler(TrainConfig(labels="pseudo", pseudo_threshold=threshold), conformer, _teacher, SECRET_A, 1.0)
         label = lambda batch: calls.append([e.id for e in batch]) or labeler(batch)  # noqa: E731
-        return calls, level.clipped_sum(weights, conformer, examples, SampleAccount(), SECRET_A, 3, label)
+        return calls, level.clipped_sum(weights, ClippingModule(conformer), examples, SampleAccount(), SECRET_A, 3,
+                                        label)
 
     every, summed = drawn_with(-math.inf)
     none, zero = drawn_with(math.inf)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -362,7 +363,7 @@ class SampleLevel:
         return sum(losses) / len(losses) if losses else float("nan")
 
 
-    def clipped_sum(self, weights: Mapping[str, Tensor], recognizer: Recognizer, examples: Sequence[Example],
+    def clipped_sum(self, weights: Mapping[str, Tensor], module: "ClippingModule", examples: Sequence[Example],
                     account: SampleAccount, secret: Secret, release: int,
                     label: Optional[Callable[[Sequence[Example]], list[Example]]] = None) -> dict[str, Tensor]:
         """DP-FedSGD, the device's half: ``steps`` Poisson batches at the global ``weights`` (the
@@ -370,11 +371,12 @@ class SampleLevel:
         ``clip_and_accumulate``), each batch's sum projected onto the ball of radius
         ``sum_cap / steps``, the batches' sums added, plus -- ``distributed`` -- this device's share
         N(0, device_std^2) (stream ``dp-sgd-noise``).
-        Nothing is stepped; a device whose batches are all empty builds no model at all. ``account``
-        records the ``steps`` composed steps. Keys: every floating-point entry of ``weights`` (zeros
-        where nothing trains), so the reply has the global model's layout. ``label`` (a
-        :class:`fl.labels.Labeler`) labels each batch after its coins are drawn; a recording it leaves
-        out contributes zero.
+        Nothing is stepped; a device whose batches are all empty runs no model at all. ``module``:
+        the process's wrapped seed module (:class:`ClippingModule`), loaded with ``weights`` here.
+        ``account`` records the ``steps`` composed steps. Keys: every floating-point entry of
+        ``weights`` (zeros where nothing trains), so the reply has the global model's layout.
+        ``label`` (a :class:`fl.labels.Labeler`) labels each batch after its coins are drawn; a
+        recording it leaves out contributes zero.
 
         Guarantee: one utterance moves the (pre-noise) sum by at most C in each batch it is drawn
         in, each batch a z-Gaussian step once the total's noise is added (server or shares).
@@ -387,7 +389,7 @@ class SampleLevel:
         batches = [b for b in ((label(d) if label is not None and d else d) for d in drawn) if b]
         contribution = {k: torch.zeros_like(v) for k, v in weights.items() if v.is_floating_point()}
         if batches:
-            summed = self._clip_and_sum(recognizer.module_from(weights), recognizer, batches)
+            summed = module.clipped_sums(weights, batches, self.max_grad_norm, self.sum_cap / self.steps)
             contribution |= {k: v.to(contribution[k]) for k, v in summed.items()}  # the weights' dtype, on the CPU
         if self.device_std > 0:
             noise = gaussian_noise_like(contribution, self.device_std, secret.stream(DP_SGD_NOISE, release),
@@ -396,29 +398,91 @@ class SampleLevel:
         account.history = self.account_for(1, account).history
         return contribution
 
-    def _clip_and_sum(self, model: nn.Module, recognizer: Recognizer,
-                      batches: Sequence[Sequence[Example]]) -> dict[str, Tensor]:
-        """Sum over ``batches`` of the per-utterance gradients of ``model``'s trainable parameters,
-        each clipped to C by Opacus' ``DPOptimizer.clip_and_accumulate`` (never stepped), every
-        batch's sum projected onto the ball of radius ``sum_cap / steps`` before it is added."""
-        gs_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        clipper = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
-                              max_grad_norm=self.max_grad_norm, expected_batch_size=1, loss_reduction="mean")
+
+class ClippingModule:
+    """DP-FedSGD's per-utterance clipped sums on one Opacus-wrapped seed module, kept for the life of
+    a process (a device, or one simulation actor serving many devices) and loaded with each
+    request's shared weights.
+
+    Building the seed and wrapping it in a ``GradSampleModule`` on every train message cost a
+    device about as much as the gradients of the one or two utterances its Poisson batch draws
+    (docs/scale.md, ``aggregate_round_seconds``). Nothing ever steps this module: its frozen weights
+    stay the seed's, and :meth:`clipped_sums` loads the request's shared weights -- every shared
+    entry, so nothing of an earlier request's weights remains -- and clears every per-sample buffer
+    Opacus keeps (``grad_sample``, ``summed_grad``, captured activations) before it runs, so no
+    request's gradients or activations reach another's. A call that fails drops the module (the
+    next builds a fresh one). It unpickles as :meth:`of` its recognizer: a simulation ships the
+    ClientApp with every message, and each actor process keeps using its one module.
+    """
+
+    def __init__(self, recognizer: Recognizer) -> None:
+        self.recognizer = recognizer
+        self._wrapped: Optional[GradSampleModule] = None
+
+    @staticmethod
+    def of(recognizer: Recognizer) -> "ClippingModule":
+        """This process's one module for ``recognizer`` (made at the first call)."""
+        return process_clipping_module(recognizer)
+
+    def __reduce__(self) -> tuple:
+        return (process_clipping_module, (self.recognizer,))
+
+    def _at(self, weights: Mapping[str, Tensor]) -> GradSampleModule:
+        """The wrapped module with ``weights`` loaded and no per-sample state left from any earlier call."""
+        if self._wrapped is None:
+            self._wrapped = GradSampleModule(self.recognizer.new_module(), batch_first=True, loss_reduction="mean")
+        gs_model = self._wrapped
+        self.recognizer.load_shared(gs_model._module, weights)
+        for p in gs_model.parameters():  # Opacus' per-parameter state, as a fresh wrap leaves it (gsm_base)
+            p.grad = None
+            p._forward_counter = 0  # forwards not yet matched by a backward
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    setattr(p, attr, None)
+        for m in gs_model.modules():
+            for attr in ("activations", "max_batch_len"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
         gs_model.train()
-        total: dict[str, Tensor] = {}
-        for drawn in batches:
-            per_sample_backward(gs_model, recognizer, recognizer.collate(drawn))
-            clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
-            batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
-            clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
-            # each batch's sum projected onto its share of the cap: a 1-Lipschitz map, so every batch
-            # is one step of sensitivity C, and the steps' total is within sum_cap
-            for n, v in clip_update(batch, self.sum_cap / self.steps)[0].items():
-                total[n] = total[n] + v if n in total else v
-        gs_model.to_standard_module()
-        return total
+        return gs_model
+
+    def clipped_sums(self, weights: Mapping[str, Tensor], batches: Sequence[Sequence[Example]],
+                     max_grad_norm: float, batch_cap: float) -> dict[str, Tensor]:
+        """Sum over ``batches`` of the per-utterance gradients of the trainable parameters at
+        ``weights``, each clipped to ``max_grad_norm`` by Opacus' ``DPOptimizer.clip_and_accumulate``
+        (never stepped), every batch's sum projected onto the ball of radius ``batch_cap`` before it
+        is added (a 1-Lipschitz map, so every batch is one step of sensitivity C)."""
+        try:
+            gs_model = self._at(weights)
+            named = [(n, p) for n, p in gs_model._module.named_parameters() if p.requires_grad]
+            clipper = DPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.0), noise_multiplier=0.0,
+                                  max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="mean")
+            total: dict[str, Tensor] = {}
+            for drawn in batches:
+                per_sample_backward(gs_model, self.recognizer, self.recognizer.collate(drawn))
+                clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
+                batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
+                clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
+                for n, v in clip_update(batch, batch_cap)[0].items():
+                    total[n] = total[n] + v if n in total else v
+            return total
+        except BaseException:
+            self._wrapped = None
+            raise
+
+
+_PROCESS_MODULES: "weakref.WeakKeyDictionary[Recognizer, ClippingModule]" = weakref.WeakKeyDictionary()
+
+
+def process_clipping_module(recognizer: Recognizer) -> ClippingModule:
+    """This process's one :class:`ClippingModule` for ``recognizer`` (made at the first call, kept as
+    long as the recognizer lives)."""
+    module = _PROCESS_MODULES.get(recognizer)
+    if module is None:
+        module = _PROCESS_MODULES[recognizer] = ClippingModule(recognizer)
+    return module
 
 
 def per_sample_backward(gs_model: GradSampleModule, recognizer: Recognizer, batch: Batch) -> torch.Tensor:
