@@ -30,7 +30,10 @@
   example gradients (q x the pooled training recordings, about 64) through
   ``SampleLevel.clipped_sum`` as ONE device in this process (same clipping, same per-sample
   gradients: the unavoidable compute); ``aggregate_round_ratio`` is the first over the second,
-  ``aggregate_device_seconds`` the seconds the cohort's devices spent on it, summed. Needs
+  ``aggregate_device_seconds`` the seconds the cohort's devices spent on it, summed.
+  ``aggregate_singles_seconds``: the same gradients as batches of one recording each (what the
+  drawing devices mostly hold), in this process; ``aggregate_singles_ratio``, the round over that,
+  is what the federation's machinery (messages, loading, state) costs beyond its small batches. Needs
   ``../shared/data/speechocean762`` (or ``UNHEARD_DATA``); without it the figure reports
   ``aggregate_round_skipped``. Features go to the default cache (``.cache``, or ``UNHEARD_CACHE``):
   featurising happens before the first round, so it is never in a timed round.
@@ -234,6 +237,7 @@ def aggregate_figures(out: Path, where: Placement = Placement(), repeats: int = 
     bare = aggregate_bare(out, where, repeats)
     return {"aggregate_round_seconds": sim, **bare,
             "aggregate_round_ratio": sim / bare["aggregate_bare_seconds"],
+            "aggregate_singles_ratio": sim / bare["aggregate_singles_seconds"],
             "aggregate_device_seconds": _device_seconds(out, {r["round"] for r in rows}) / len(rows),
             "aggregate_round_devices": sum(r["clients"] for r in rows) / len(rows),
             "aggregate_cohort": int(config["federation"]["clients_per_round"]), "aggregate_rounds_timed": len(rows)}
@@ -261,7 +265,11 @@ def aggregate_bare(out: Path, where: Placement = Placement(), repeats: int = 3) 
     module = ClippingModule(recognizer)  # wrapped at the first call, reused as a device's actor reuses it
     seconds = _time(lambda: one_batch.clipped_sum(weights, module, examples, SampleAccount(), secret, 0),
                     1, repeats, where)
-    return {"aggregate_bare_seconds": seconds, "aggregate_bare_examples": size,
+    # the same gradients as batches of one: what a round's drawing devices mostly hold (at q x ~15
+    # recordings, about three quarters of the devices that draw anything draw exactly one)
+    singles = _time(lambda: module.clipped_sums(weights, [[e] for e in examples], level.max_grad_norm,
+                                                level.sum_cap / level.steps), 0, 1, where)
+    return {"aggregate_bare_seconds": seconds, "aggregate_singles_seconds": singles, "aggregate_bare_examples": size,
             "aggregate_pooled_recordings": len(pool), "aggregate_sample_rate": level.sample_rate,
             "aggregate_steps": level.steps}
 

@@ -3,7 +3,7 @@
 # repeats of every point), `make curves-quick` (PRESET=curves_quick) and the Conformer's grid
 # (PRESET=curves_conformer): Hydra multiruns into OUT, the centralised upper bound, then
 # `unheard-collect OUT` (curves.csv, points.csv, curves.md, PNG plots).
-#   usage: [REPEATS=3] [CENTRAL_STEPS=480] experiments/curves.sh PRESET OUT
+#   usage: [REPEATS=3] [ARMS=central] [CENTRAL_STEPS=480] experiments/curves.sh PRESET OUT
 set -euo pipefail
 preset=${1:?preset (curves or curves_quick)}
 out=${2:?output folder}
@@ -26,22 +26,27 @@ if [ "$preset" = curves_quick ]; then
   sim user-central privacy=user "${user[@]}" "${extrapolated[@]}" privacy.user.noise_multiplier=1.0
 elif [ "$preset" = curves ]; then
   # Whisper tiny.en on speechocean762, DP-FedSGD (experiment=private_gain: all 125 devices every
-  # round, 60 rounds, the server adds the noise; sample-level, delta 1e-5, PLD). Grid, each point
-  # repeated REPEATS (default 3) times with fresh secrets (privacy.reproducible=false, the default),
-  # one sweep folder a repeat (OUT/<mechanism>/r<repeat>/<job>):
-  #   none            non-private FL, the same preset                                     1 run
-  #   sample-central  DP-FedSGD at target epsilon 1, 2, 4, 8 (a Hydra multirun)          4 runs
-  #   sample          on-device DP-SGD (privacy.sample.noise=device) at target epsilon 8  1 run
-  # = 6 runs a repeat (18 for REPEATS=3), then one central fine-tune of CENTRAL_STEPS (default 480)
-  # AdamW steps of train.batch_size 8: 3,840 recordings, what a DP-FedSGD run draws (60 rounds x an
-  # expected 64), not the default rounds x clients x local steps (7,500 steps).
+  # round, 60 rounds, the server adds the noise; sample-level, delta 1e-5, PLD). Each arm named in
+  # ARMS (default "central") runs REPEATS (default 3) times with fresh secrets
+  # (privacy.reproducible=false, the default), one sweep folder a repeat (OUT/<mechanism>/r<repeat>/<job>):
+  #   central   DP-FedSGD at target epsilon 1, 2, 4, 8 (a Hydra multirun)                 4 runs
+  #   device    on-device DP-SGD (privacy.sample.noise=device) at target epsilon 8          1 run
+  #   none      non-private FL, the same preset                                              1 run
+  #   finetune  once, not repeated: the central fine-tune of CENTRAL_STEPS (default 480) AdamW
+  #             steps of train.batch_size 8 -- 3,840 recordings, what a DP-FedSGD run draws
+  #             (60 rounds x an expected 64), not the default rounds x clients x local steps
+  # The default keeps the sweep within 2 hours on 2 cores (12 runs of 8-10 minutes with the features
+  # cached); ARMS="central device none finetune" is the whole grid, about twice that.
   # cost: see experiments/README.md
+  arms=" ${ARMS:-central} "
   for r in $(seq 1 "${REPEATS:-3}"); do
-    gain "none/r$r" privacy=none privacy.sample=null  # the preset's privacy.sample block outlives privacy=none
-    gain "sample-central/r$r" privacy.sample.target_epsilon=1,2,4,8
-    gain "sample/r$r" privacy.sample.noise=device privacy.sample.target_epsilon=8
+    if [[ $arms == *" central "* ]]; then gain "sample-central/r$r" privacy.sample.target_epsilon=1,2,4,8; fi
+    if [[ $arms == *" device "* ]]; then gain "sample/r$r" privacy.sample.noise=device privacy.sample.target_epsilon=8; fi
+    # the preset's privacy.sample block outlives privacy=none
+    if [[ $arms == *" none "* ]]; then gain "none/r$r" privacy=none privacy.sample=null; fi
   done
   central=(experiment=private_gain privacy=none privacy.sample=null "central.steps=${CENTRAL_STEPS:-480}")
+  [[ $arms == *" finetune "* ]] || central=()
 else  # curves_conformer: the Conformer's full grid
   sim none privacy=none
   sim sample privacy=sample privacy.sample.noise_multiplier=0.6,1.2,2.5
@@ -53,6 +58,6 @@ else  # curves_conformer: the Conformer's full grid
   sim both privacy=both "${user[@]}" "${extrapolated[@]}" privacy.sample.noise_multiplier=1.2 \
     privacy.user.noise_multiplier=1.0
 fi
-"$bin/unheard-central" "${central[@]}" "hydra.run.dir=$out/central"
+if [ ${#central[@]} -gt 0 ]; then "$bin/unheard-central" "${central[@]}" "hydra.run.dir=$out/central"; fi
 echo "sweep took $(( $(date +%s) - started )) s" | tee "$out/sweep_seconds.txt"
 "$bin/unheard-collect" "$out"
