@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -384,7 +385,8 @@ def write_points_csv(points: list[CurvePoint], path: Path) -> None:
 
 def collect(dirs: list[Path], out: Path) -> list[CurveRow]:
     """Read every run below ``dirs``; write ``curves.csv``, ``points.csv``, ``curves.md`` and the plots to ``out``."""
-    root = Path(dirs[0]).resolve() if len(dirs) == 1 else Path("/")
+    # runs are named by their path below the given folders' common parent (one folder: below it)
+    root = Path(os.path.commonpath([Path(d).resolve() for d in dirs]))
     rows, series = [], {}
     for run_dir in find_runs(dirs):
         try:

@@ -75,6 +75,14 @@ def test_labels_mark_extrapolation_and_missing_amplification(tmp_path):
     assert "0.5 (extrapolated)" in table and "(no amplification)" in table
 
 
+def test_runs_from_several_folders_are_named_below_their_common_parent(tmp_path):
+    _fake_run(tmp_path / "results" / "curves", "r1", None, None)
+    _fake_run(tmp_path / "results" / "gain", "run1", None, None)
+    rows = collect([tmp_path / "results" / "curves", tmp_path / "results" / "gain"], tmp_path / "out")
+    assert sorted(r.run for r in rows) == [str(Path("curves") / "r1"), str(Path("gain") / "run1")]
+    assert [r.run for r in collect([tmp_path / "results" / "gain" / "run1"], tmp_path / "out1")] == ["run1"]
+
+
 def test_cli_reports_when_there_is_nothing_to_collect(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path)])
