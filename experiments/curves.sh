@@ -3,7 +3,7 @@
 # repeats of every point), `make curves-quick` (PRESET=curves_quick) and the Conformer's grid
 # (PRESET=curves_conformer): Hydra multiruns into OUT, the centralised upper bound, then
 # `unheard-collect OUT` (curves.csv, points.csv, curves.md, PNG plots).
-#   usage: [REPEATS=3] [ARMS=central] [CENTRAL_STEPS=480] experiments/curves.sh PRESET OUT
+#   usage: [REPEATS=3] [ARMS="central device finetune"] [CENTRAL_STEPS=480] experiments/curves.sh PRESET OUT
 set -euo pipefail
 preset=${1:?preset (curves or curves_quick)}
 out=${2:?output folder}
@@ -27,7 +27,7 @@ if [ "$preset" = curves_quick ]; then
 elif [ "$preset" = curves ]; then
   # Whisper tiny.en on speechocean762, DP-FedSGD (experiment=private_gain: all 125 devices every
   # round, 60 rounds, the server adds the noise; sample-level, delta 1e-5, PLD). Each arm named in
-  # ARMS (default "central") runs REPEATS (default 3) times with fresh secrets
+  # ARMS (default "central device finetune") runs REPEATS (default 3) times with fresh secrets
   # (privacy.reproducible=false, the default), one sweep folder a repeat (OUT/<mechanism>/r<repeat>/<job>):
   #   central   DP-FedSGD at target epsilon 1, 2, 4, 8 (a Hydra multirun)                 4 runs
   #   device    on-device DP-SGD (privacy.sample.noise=device) at target epsilon 8          1 run
@@ -35,10 +35,11 @@ elif [ "$preset" = curves ]; then
   #   finetune  once, not repeated: the central fine-tune of CENTRAL_STEPS (default 480) AdamW
   #             steps of train.batch_size 8 -- 3,840 recordings, what a DP-FedSGD run draws
   #             (60 rounds x an expected 64), not the default rounds x clients x local steps
-  # The default keeps the sweep within 2 hours on 2 cores (12 runs of 8-10 minutes with the features
-  # cached); ARMS="central device none finetune" is the whole grid, about twice that.
+  # The default keeps the sweep within 2 hours on 2 cores with the features cached (measured a run:
+  # central 5.7 minutes, device 7.4, finetune 1.7; 12 + 3 + 1 runs, about 1.5 hours); "none" (not
+  # timed at this preset) and on-device DP-SGD at epsilon 1, 2 and 4 are left out to fit.
   # cost: see experiments/README.md
-  arms=" ${ARMS:-central} "
+  arms=" ${ARMS:-central device finetune} "
   for r in $(seq 1 "${REPEATS:-3}"); do
     if [[ $arms == *" central "* ]]; then gain "sample-central/r$r" privacy.sample.target_epsilon=1,2,4,8; fi
     if [[ $arms == *" device "* ]]; then gain "sample/r$r" privacy.sample.noise=device privacy.sample.target_epsilon=8; fi
