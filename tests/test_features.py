@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 
 from fl.config import Config, ModelConfig, PrivacyConfig, UserPrivacyConfig, validate
-from fl.data.features import LogMel, collate, featurize
+from fl.data.features import Example, LogMel, collate, featurize
 from fl.data.records import Utterance
 from fl.model.conformer import ConformerRecognizer
 
@@ -73,3 +73,21 @@ def test_validate_rejects_inconsistent_configs():
     cfg.federation.sampling = "round-robin"
     with pytest.raises(ValueError, match="federation.sampling"):
         validate(cfg)
+
+
+def test_a_fleet_file_rewritten_under_a_mapping_keeps_the_mapped_data(tmp_path):
+    """Devices are memory-mapped (``fl/data/fleet.py``): a rewrite of the fleet replaces each file
+    instead of overwriting it, so a process that mapped the old one reads the old features (an
+    overwrite in place would truncate the mapping under it), and a fresh load reads the new ones."""
+    from fl.data.fleet import DeviceData, load_device, write_fleet
+
+    def fleet(value: float) -> dict[str, DeviceData]:
+        e = Example("u", "s", torch.full((200, 8), value, dtype=torch.float16), torch.tensor([1, 2]), "a b", 1.0)
+        return {"d": DeviceData("d", [e], [])}
+
+    write_fleet(fleet(1.0), tmp_path)
+    mapped = load_device.__wrapped__(str(tmp_path), 0)
+    write_fleet(fleet(2.0), tmp_path)
+    assert float(mapped.train[0].feats.float().mean()) == 1.0
+    assert float(load_device.__wrapped__(str(tmp_path), 0).train[0].feats.float().mean()) == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device-00000.pt", "fleet.json"]

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
 from clients import client_app
 from clients.client_app import DeviceSettings
@@ -13,7 +15,7 @@ from fl import protocol as P
 from fl.config import DevicePolicy, SamplePrivacyConfig, TrainConfig
 from fl.privacy.accounting import sample_level_epsilon
 from fl.privacy.randomness import BATCHES, Secret
-from fl.privacy.sample import ClippingModule, SampleAccount, SampleLevel, poisson_batch
+from fl.privacy.sample import ClippingModule, SampleAccount, SampleLevel, per_sample_backward, poisson_batch
 from tests.conftest import TINY, OneDevice, fake_examples, tiny_global, train_message
 
 KEY = Secret(bytes(range(32)))
@@ -79,6 +81,28 @@ def test_each_batch_is_projected_before_the_batches_are_added(conformer):
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6)
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in got.values()))
     assert 0.1 < norm <= 0.3 + 1e-6  # more than one batch's share, within the cap
+
+
+@pytest.mark.parametrize("clip", [0.01, 100.0])
+def test_a_batch_of_one_is_clipped_as_opacus_clips_it(conformer, clip):
+    """A batch of one utterance takes a plain backward with Opacus' hooks off: its sum must be what
+    Opacus' own per-sample gradients and ``clip_and_accumulate`` give for it, with a clip that binds
+    and one that does not -- and the module's hooks are on again for the next batch of several."""
+    weights = tiny_global().to_torch_state_dict()
+    module = ClippingModule(conformer)
+    for examples in (fake_examples(1), fake_examples(3)[2:]):
+        got = module.clipped_sums(weights, [examples], clip, 1e9)
+        gs = GradSampleModule(conformer.module_from(weights), batch_first=True, loss_reduction="mean")
+        named = [(n, p) for n, p in gs._module.named_parameters() if p.requires_grad]
+        opacus = DPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.0), noise_multiplier=0.0,
+                             max_grad_norm=clip, expected_batch_size=1, loss_reduction="mean")
+        per_sample_backward(gs, conformer, conformer.collate(examples))
+        opacus.clip_and_accumulate()
+        assert set(got) == {n for n, p in named if p.summed_grad is not None}
+        for n, p in named:
+            if p.summed_grad is not None:
+                torch.testing.assert_close(got[n], p.summed_grad, rtol=1e-4, atol=1e-7, msg=n)
+        assert module._wrapped is not None and module._wrapped.hooks_enabled
 
 
 def test_one_clipping_module_serves_many_devices_as_fresh_ones_would(conformer):

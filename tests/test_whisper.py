@@ -136,6 +136,52 @@ def test_the_loss_of_an_example_does_not_depend_on_the_batch(small_whisper):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_the_chunked_cross_entropy_is_the_cross_entropy_of_the_logits(monkeypatch):
+    """:class:`~fl.model.whisper.TiedCrossEntropy` against float64 ``F.cross_entropy`` of the full
+    logits: losses and the hidden states' gradient, with chunks that do not divide the vocabulary,
+    logits large enough that an un-rescaled sum would overflow, and without a gradient asked."""
+    monkeypatch.setattr(W, "OUTPUT_CHUNK", 7)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8)
+    hidden = (torch.randn(5, 8) * torch.tensor([1.0, 5.0, 20.0, 40.0, 0.1])[:, None]).requires_grad_()
+    targets = torch.tensor([0, 49, 13, 7, 21])
+    upstream = torch.rand(5)
+    fused = W.TiedCrossEntropy.apply(hidden, weight, targets)
+    (fused * upstream).sum().backward()
+    reference = hidden.detach().double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy(reference @ weight.double().T, targets, reduction="none")
+    (exact * upstream.double()).sum().backward()
+    torch.testing.assert_close(fused.detach().double(), exact.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), reference.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(W.TiedCrossEntropy.apply(hidden, weight, targets), fused.detach())
+
+
+@pytest.mark.parametrize("trainable", [None, r"^model\.decoder\.embed_tokens"])
+def test_the_recognizers_loss_and_gradients_are_those_of_the_full_logits(small_whisper, trainable):
+    """``losses`` (the chunked head when the tied output matrix is frozen, the logits when it trains)
+    against cross-entropy on the model's own logits: the same losses and the same gradients for every
+    trainable parameter -- the output matrix included when it trains."""
+    recognizer = build_recognizer(ModelConfig(kind="whisper", path=str(small_whisper)), trainable)
+    examples = _examples(recognizer)
+    batch = collate(examples)
+    model = recognizer.new_module().train()
+    reference = recognizer.module_from(recognizer.shared(model)).train()
+    recognizer.losses(model, batch).sum().backward()
+    decoder_ids, tokens, valid = recognizer._inputs(batch)
+    logits = reference(encoder_outputs=W.BaseModelOutput(last_hidden_state=batch.feats),
+                       decoder_input_ids=decoder_ids, use_cache=False).logits[:, len(recognizer.prompt) - 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none") * valid
+    expected = ce.sum(dim=1) / valid.sum(dim=1)
+    expected.sum().backward()
+    torch.testing.assert_close(recognizer.losses(model, batch).detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    ref_params = dict(reference.named_parameters())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained
+    for name, p in trained:
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("trainable", [None, r"^model\.decoder\.layers\.",
                                        r"^model\.decoder\.(layers\.1\.|embed_positions)"])
 def test_per_sample_gradients_of_the_recipe_are_each_examples_own(small_whisper, trainable):

@@ -73,6 +73,55 @@ def cut_loop(tokens: list[int], period: int = LOOP_PERIOD, repeats: int = LOOP_R
     return None
 
 
+OUTPUT_CHUNK = 2048
+"""Rows of the output matrix :class:`TiedCrossEntropy` takes at a time (3 MB of tiny.en's at float32:
+each chunk is read from memory once and reused from cache for its gradient term)."""
+
+
+class TiedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of ``hidden @ weight.T`` against ``targets``, for a *frozen* output
+    matrix ``weight`` ``[V, d]`` (Whisper's tied token embedding): ``[N]`` losses, the gradient for
+    ``hidden`` only.
+
+    The same function as ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")``, computed
+    without the ``[N, V]`` logits: one pass over ``weight`` in chunks of :data:`OUTPUT_CHUNK` rows
+    keeps a running log-sum-exp and, beside it, the softmax-weighted sum of the rows, so the
+    gradient ``(softmax - onehot) @ weight`` is ready when the pass ends. The standard path reads the
+    51,864 x 384 matrix twice (the logits, then their gradient) and writes, normalises and reads
+    back the logits several times: for the few tokens of one utterance it is bound by memory, and
+    it was most of a batch-of-one DP step (docs/scale.md). Each row's loss and gradient depend on
+    that row alone, so per-sample gradients (Opacus' hooks below it) are unchanged
+    (tests/test_whisper.py checks losses, gradients and per-sample gradients against the standard path).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor  # type: ignore[override]
+                ) -> torch.Tensor:
+        rows, grad = hidden.shape[0], ctx.needs_input_grad[0]
+        top = hidden.new_full((rows,), -math.inf)
+        mass = hidden.new_zeros(rows)
+        pulled = torch.zeros_like(hidden)  # sum over the vocabulary of exp(logit - top) * row
+        for start in range(0, weight.shape[0], OUTPUT_CHUNK):
+            chunk = weight[start: start + OUTPUT_CHUNK]
+            logits = hidden @ chunk.T
+            new_top = torch.maximum(top, logits.amax(dim=1))
+            rescale = torch.exp(top - new_top)
+            exp = torch.exp(logits - new_top[:, None])
+            mass = mass * rescale + exp.sum(dim=1)
+            if grad:  # no gradient asked (evaluation): the loss alone
+                pulled = pulled * rescale[:, None] + exp @ chunk
+            top = new_top
+        picked = weight[targets]
+        if grad:
+            ctx.save_for_backward(pulled / mass[:, None] - picked)
+        return top + mass.log() - (hidden * picked).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        direction, = ctx.saved_tensors
+        return grad[:, None] * direction, None, None
+
+
 class WhisperRecognizer(Recognizer):
     """A pretrained Whisper, fine-tuned with the loss of its own training: cross-entropy on the
     transcript tokens after the English/transcribe/no-timestamps prompt."""
@@ -210,18 +259,30 @@ class WhisperRecognizer(Recognizer):
         inner = getattr(module, "_module", module)
         return inner.model.encoder(feats.transpose(1, 2)).last_hidden_state
 
-    def _per_example(self, logits: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _per_example(self, module: nn.Module, tokens: torch.Tensor, valid: torch.Tensor, **inputs: object
+                     ) -> torch.Tensor:
+        """Each example's mean cross-entropy over its valid transcript tokens, the decoder run on
+        ``inputs``. With the output matrix frozen (every preset that leaves the token embedding
+        alone), the losses come from :class:`TiedCrossEntropy` on the decoder's last hidden states
+        -- the valid rows only -- instead of the ``[B, L, V]`` logits."""
+        inner = getattr(module, "_module", module)  # under Opacus: the hooks sit on the inner layers
         p = len(self.prompt) - 1
-        ce = F.cross_entropy(logits[:, p:].transpose(1, 2).float(), tokens, reduction="none")
-        return (ce * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+        head = inner.proj_out
+        if head.weight.requires_grad or head.bias is not None:
+            logits = module(**inputs, use_cache=False).logits[:, p:]
+            ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens, reduction="none") * valid
+        else:
+            hidden = inner.model(**inputs, use_cache=False).last_hidden_state[:, p:]
+            rows = TiedCrossEntropy.apply(hidden[valid].float(), head.weight.float(), tokens[valid])
+            ce = torch.zeros(valid.shape, dtype=rows.dtype, device=rows.device).masked_scatter(valid, rows)
+        return ce.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
     def losses(self, module: nn.Module, batch: Batch) -> torch.Tensor:
         """Per-example cross-entropy per transcript token (end-of-text included): ``[B]``."""
         decoder_ids, tokens, valid = self._inputs(batch)
         states = self._encoded(module, batch.feats)
-        out = module(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=decoder_ids,
-                     use_cache=False)
-        return self._per_example(out.logits, tokens, valid)
+        return self._per_example(module, tokens, valid, encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                                 decoder_input_ids=decoder_ids)
 
     def private_losses(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
         """Leaves: the features and the decoder's token embeddings (every trainable layer lies after one
@@ -237,9 +298,9 @@ class WhisperRecognizer(Recognizer):
         decoder_ids, tokens, valid = self._inputs(batch)
         feats = batch.feats.detach().requires_grad_()
         embeds = decoder.embed_tokens(decoder_ids).detach().requires_grad_()
-        out = module(encoder_outputs=BaseModelOutput(last_hidden_state=self._encoded(module, feats)),
-                     decoder_inputs_embeds=embeds, use_cache=False)
-        return self._per_example(out.logits, tokens, valid), [feats, embeds]
+        return self._per_example(module, tokens, valid,
+                                 encoder_outputs=BaseModelOutput(last_hidden_state=self._encoded(module, feats)),
+                                 decoder_inputs_embeds=embeds), [feats, embeds]
 
     @torch.no_grad()
     def transcribe(self, module: nn.Module, batch: Batch) -> Transcripts:

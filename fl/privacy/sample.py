@@ -41,11 +41,12 @@ worst-case participation when a target epsilon is set), travels to devices in ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -461,16 +462,38 @@ class ClippingModule:
                                   max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="mean")
             total: dict[str, Tensor] = {}
             for drawn in batches:
-                per_sample_backward(gs_model, self.recognizer, self.recognizer.collate(drawn))
-                clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
-                batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
-                clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
+                if len(drawn) == 1:
+                    batch = self._clipped_one(gs_model, named, drawn[0], max_grad_norm)
+                else:
+                    per_sample_backward(gs_model, self.recognizer, self.recognizer.collate(drawn))
+                    clipper.clip_and_accumulate()  # this batch's clipped sum in every p.summed_grad
+                    batch = {n: p.summed_grad.detach().clone() for n, p in named if p.summed_grad is not None}
+                    clipper.zero_grad(set_to_none=True)  # grad_sample and summed_grad: the next batch starts clean
                 for n, v in clip_update(batch, batch_cap)[0].items():
                     total[n] = total[n] + v if n in total else v
             return total
         except BaseException:
             self._wrapped = None
             raise
+
+    def _clipped_one(self, gs_model: GradSampleModule, named: Sequence[tuple[str, nn.Parameter]], example: Example,
+                     max_grad_norm: float) -> dict[str, Tensor]:
+        """A batch of one utterance (most of a DP-FedSGD round's drawing devices): its gradient is its
+        per-sample gradient, so it is taken by a plain backward with Opacus' hooks off (their
+        activations and per-sample einsums cost a sixth of the step) and clipped with the factor
+        ``clip_and_accumulate`` applies, ``min(1, C / (norm + 1e-6))`` (tests/test_fedsgd.py checks
+        the two agree)."""
+        gs_model.disable_hooks()
+        try:
+            loss = self.recognizer.losses(gs_model, self.recognizer.collate([example])).mean()
+            with _output_gradient_hooks():
+                grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        finally:
+            gs_model.enable_hooks()
+        got = {n: g for (n, _), g in zip(named, grads) if g is not None}
+        norm = torch.stack([g.norm(2) for g in got.values()]).norm(2) if got else torch.tensor(0.0)
+        factor = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return {n: g * factor for n, g in got.items()}
 
 
 _PROCESS_MODULES: "weakref.WeakKeyDictionary[Recognizer, ClippingModule]" = weakref.WeakKeyDictionary()
@@ -495,13 +518,19 @@ def per_sample_backward(gs_model: GradSampleModule, recognizer: Recognizer, batc
     """
     losses, leaves = recognizer.private_losses(gs_model, batch)
     loss = losses.mean()
-    with warnings.catch_warnings():
-        # A first layer whose input needs no gradient (frozen below it) makes torch say its full
-        # backward hook fires on output gradients alone: exactly what Opacus' hooks use
-        # (tests/test_whisper.py checks the per-sample gradients this way).
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+    with _output_gradient_hooks():
         loss.backward(inputs=leaves)
     return loss
+
+
+@contextlib.contextmanager
+def _output_gradient_hooks() -> Iterator[None]:
+    """A first layer whose input needs no gradient (frozen below it) makes torch warn that its full
+    backward hook fires on output gradients alone: exactly what Opacus' hooks use
+    (tests/test_whisper.py checks the per-sample gradients this way). Silenced inside."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        yield
 
 
 def private_step(gs_model: GradSampleModule, optimizer: DPOptimizer, recognizer: Recognizer, batch: Batch) -> float:
