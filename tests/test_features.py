@@ -78,7 +78,8 @@ def test_validate_rejects_inconsistent_configs():
 def test_a_fleet_file_rewritten_under_a_mapping_keeps_the_mapped_data(tmp_path):
     """Devices are memory-mapped (``fl/data/fleet.py``): a rewrite of the fleet replaces each file
     instead of overwriting it, so a process that mapped the old one reads the old features (an
-    overwrite in place would truncate the mapping under it), and a fresh load reads the new ones."""
+    overwrite in place would truncate the mapping under it), and the writing process' next load
+    reads the new ones (its cache is cleared)."""
     from fl.data.fleet import DeviceData, load_device, write_fleet
 
     def fleet(value: float) -> dict[str, DeviceData]:
@@ -86,8 +87,8 @@ def test_a_fleet_file_rewritten_under_a_mapping_keeps_the_mapped_data(tmp_path):
         return {"d": DeviceData("d", [e], [])}
 
     write_fleet(fleet(1.0), tmp_path)
-    mapped = load_device.__wrapped__(str(tmp_path), 0)
+    mapped = load_device(str(tmp_path), 0)
     write_fleet(fleet(2.0), tmp_path)
     assert float(mapped.train[0].feats.float().mean()) == 1.0
-    assert float(load_device.__wrapped__(str(tmp_path), 0).train[0].feats.float().mean()) == 2.0
+    assert float(load_device(str(tmp_path), 0).train[0].feats.float().mean()) == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device-00000.pt", "fleet.json"]

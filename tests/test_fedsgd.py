@@ -87,7 +87,8 @@ def test_each_batch_is_projected_before_the_batches_are_added(conformer):
 def test_a_batch_of_one_is_clipped_as_opacus_clips_it(conformer, clip):
     """A batch of one utterance takes a plain backward with Opacus' hooks off: its sum must be what
     Opacus' own per-sample gradients and ``clip_and_accumulate`` give for it, with a clip that binds
-    and one that does not -- and the module's hooks are on again for the next batch of several."""
+    and one that does not -- and a batch of several after it in the same call is its own sum (breaks
+    if the hooks stay on for the single, whose per-sample gradients Opacus would then carry over)."""
     weights = tiny_global().to_torch_state_dict()
     module = ClippingModule(conformer)
     for examples in (fake_examples(1), fake_examples(3)[2:]):
@@ -103,6 +104,12 @@ def test_a_batch_of_one_is_clipped_as_opacus_clips_it(conformer, clip):
             if p.summed_grad is not None:
                 torch.testing.assert_close(got[n], p.summed_grad, rtol=1e-4, atol=1e-7, msg=n)
         assert module._wrapped is not None and module._wrapped.hooks_enabled
+    # a batch of one, then one of several, in one call: each batch's own sum, nothing carried over
+    one, several = fake_examples(1), fake_examples(4)[1:]
+    together = module.clipped_sums(weights, [one, several], clip, 1e9)
+    apart = [ClippingModule(conformer).clipped_sums(weights, [b], clip, 1e9) for b in (one, several)]
+    for n, v in together.items():
+        torch.testing.assert_close(v, apart[0][n] + apart[1][n], rtol=1e-4, atol=1e-7, msg=n)
 
 
 def test_one_clipping_module_serves_many_devices_as_fresh_ones_would(conformer):

@@ -155,6 +155,8 @@ def test_the_chunked_cross_entropy_is_the_cross_entropy_of_the_logits(monkeypatc
     torch.testing.assert_close(hidden.grad.double(), reference.grad, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(W.TiedCrossEntropy.apply(hidden, weight, targets), fused.detach())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation's autocast: still float32 inside
+            torch.testing.assert_close(W.TiedCrossEntropy.apply(hidden, weight, targets), fused.detach())
 
 
 @pytest.mark.parametrize("trainable", [None, r"^model\.decoder\.embed_tokens"])

@@ -47,6 +47,7 @@ def write_fleet(devices: Mapping[str, DeviceData], root: Path) -> list[str]:
         torch.save({"device_id": d.device_id, "train": d.train, "test": d.test}, part)
         os.replace(part, path)  # a new file: a process that mapped the old one keeps reading the old one
     (root / INDEX).write_text(json.dumps({"devices": ids}, indent=1))
+    load_device.cache_clear()  # this process reads the new files from now on
     log.info("wrote a fleet of %d devices to %s", len(ids), root)
     return ids
 

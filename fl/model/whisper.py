@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -92,11 +93,19 @@ class TiedCrossEntropy(torch.autograd.Function):
     it was most of a batch-of-one DP step (docs/scale.md). Each row's loss and gradient depend on
     that row alone, so per-sample gradients (Opacus' hooks below it) are unchanged
     (tests/test_whisper.py checks losses, gradients and per-sample gradients against the standard path).
+    It runs in float32 even under ``torch.autocast`` (evaluation's): rounded chunk logits against a
+    float32 target logit would let a confident row's loss go below zero. Differentiable once (its
+    backward is a saved constant times the upstream gradient), which is all training asks.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor  # type: ignore[override]
                 ) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return TiedCrossEntropy._forward(ctx, hidden.float(), weight.float(), targets)
+
+    @staticmethod
+    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows, grad = hidden.shape[0], ctx.needs_input_grad[0]
         top = hidden.new_full((rows,), -math.inf)
         mass = hidden.new_zeros(rows)
@@ -117,6 +126,7 @@ class TiedCrossEntropy(torch.autograd.Function):
         return top + mass.log() - (hidden * picked).sum(dim=1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         direction, = ctx.saved_tensors
         return grad[:, None] * direction, None, None
