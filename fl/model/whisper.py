@@ -283,7 +283,7 @@ class WhisperRecognizer(Recognizer):
             ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens, reduction="none") * valid
         else:
             hidden = inner.model(**inputs, use_cache=False).last_hidden_state[:, p:]
-            rows = TiedCrossEntropy.apply(hidden[valid].float(), head.weight.float(), tokens[valid])
+            rows = TiedCrossEntropy.apply(hidden[valid], head.weight, tokens[valid])  # float32 inside
             ce = torch.zeros(valid.shape, dtype=rows.dtype, device=rows.device).masked_scatter(valid, rows)
         return ce.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 

@@ -453,8 +453,8 @@ class ClippingModule:
                      max_grad_norm: float, batch_cap: float) -> dict[str, Tensor]:
         """Sum over ``batches`` of the per-utterance gradients of the trainable parameters at
         ``weights``, each clipped to ``max_grad_norm`` by Opacus' ``DPOptimizer.clip_and_accumulate``
-        (never stepped) -- a batch of one with that method's factor (:meth:`_clipped_one`) --, every batch's sum projected onto the ball of radius ``batch_cap`` before it
-        is added (a 1-Lipschitz map, so every batch is one step of sensitivity C)."""
+        (never stepped; a batch of one with that method's factor, :meth:`_clipped_one`), every
+        batch's sum projected onto the ball of radius ``batch_cap`` before it is added (a 1-Lipschitz map, so every batch is one step of sensitivity C)."""
         try:
             gs_model = self._at(weights)
             named = [(n, p) for n, p in gs_model._module.named_parameters() if p.requires_grad]
